@@ -1,0 +1,291 @@
+"""train_imagenet.py end to end on a CPU: tiny preset, synthetic 16x16 images, a few steps per run.
+
+The tests compare two independent computations: an interrupted-and-resumed run against an
+uninterrupted one, 2 processes (gloo) and gradient accumulation against one process, DDP gradients
+against the single-process gradient on the concatenated data, a run with a skipped step against a
+shorter run.
+"""
+import functools
+import json
+import os
+import signal
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import losses
+import train_imagenet as ti
+import unet
+from flowmap import as_velocity, guided_velocity
+
+B = 8                                                                   # global batch of every run
+BASE = ["--data", "synthetic", "--device", "cpu", "--batch", str(B), "--status-kimg", "1", "--snapshot-kimg", "1"]
+TINY = BASE + ["--preset", "tiny", "--resolution", "16"]
+
+
+def kimg(steps):
+    return ["--kimg", str(steps * B / 1000)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread here and in spawned processes: the 2 cores are shared (see test_unet.py)."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A teacher (3 steps) and a weak guide (2 steps), shared by the distillation tests."""
+    root = tmp_path_factory.mktemp("runs")
+    ti.main(TINY + kimg(3) + ["--out", str(root / "teacher")])
+    ti.main(TINY + kimg(2) + ["--out", str(root / "guide")])
+    return root
+
+
+def distill(runs, out, *flags, teacher="teacher", guide="guide"):
+    """argv of a distillation run; the preset and resolution come from the teacher."""
+    argv = BASE + ["--stage", "distill", "--teacher", str(runs / teacher), "--out", str(out), *flags]
+    return argv + (["--guide", str(runs / guide)] if guide else [])
+
+
+def state(out):
+    return torch.load(out / "training-state.pt", weights_only=True)
+
+
+def log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_tensors(a, b, rtol=0.0, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), k
+
+
+# ----------------------------------------------------------------------------------------------
+# Every stage runs; snapshots rebuild their networks.
+
+def test_teacher_then_distill_emd_and_lmd(runs, tmp_path):
+    ti.main(distill(runs, tmp_path / "emd", *kimg(2), "--loss", "emd", "--guidance", "auto"))
+    ti.main(distill(runs, tmp_path / "lmd", *kimg(2), "--loss", "lmd", "--guidance", "cfg", guide=None))
+    ti.main(distill(runs, tmp_path / "none", *kimg(1), "--guidance", "none", "--precision", "bf16",
+                    "--weighting", "adaptive", guide=None))
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    t, s = torch.tensor([0.9, 0.5]), torch.tensor([0.2, 0.5])
+    label = torch.eye(10)[:2]
+    for out, stage, steps in [(runs / "teacher", "teacher", 3), (runs / "guide", "teacher", 2),
+                              (tmp_path / "emd", "distill", 2), (tmp_path / "lmd", "distill", 2),
+                              (tmp_path / "none", "distill", 1)]:
+        assert (out / "config.json").exists()
+        assert log(out)[-1]["step"] == steps and log(out)[-1]["skipped"] == 0
+        net, config = ti.load_snapshot(out)
+        trained = state(out)
+        assert config["stage"] == stage and trained["step"] == steps
+        assert_same_tensors(net.state_dict(), trained["ema"])
+        lam = torch.tensor([1.0, 2.5]) if config["cond_lam"] else None
+        assert net(x, t, s, label=label, lam=lam).shape == x.shape
+    assert ti.load_snapshot(tmp_path / "emd")[1]["cond_lam"] is True
+    assert ti.load_snapshot(tmp_path / "none")[1]["cond_lam"] is False
+
+
+def test_student_starts_as_its_teacher(runs, tmp_path):
+    """With lr 0 the student stays the teacher's EMA weights (init_student_from_teacher), and the
+    zero-gain s and lam branches make it compute the teacher's velocity at s = t."""
+    ti.main(distill(runs, tmp_path, *kimg(1), "--lr", "0"))
+    student, _ = ti.load_snapshot(tmp_path)
+    teacher, _ = ti.load_snapshot(runs / "teacher")
+    x, t, label = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.8]), torch.eye(10)[:2]
+    F = student(x, t, t, label=label, lam=torch.tensor([1.0, 2.0]))
+    assert torch.allclose(F, teacher(x, t, t, label=label), atol=1e-5)   # up to forced weight normalization
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: interrupted + rerun == uninterrupted.
+
+def test_resume_after_sigterm_teacher(tmp_path, monkeypatch):
+    argv = TINY + kimg(4) + ["--weighting", "adaptive"]
+    ti.main(argv + ["--out", str(tmp_path / "straight")])
+
+    calls = []
+    def fm_loss_then_sigterm(*args, **kwargs):                         # SIGTERM during the second step
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return losses.fm_loss(*args, **kwargs)
+    monkeypatch.setattr(ti, "fm_loss", fm_loss_then_sigterm)
+    ti.main(argv + ["--out", str(tmp_path / "resumed")])
+    assert state(tmp_path / "resumed")["step"] == 2
+    monkeypatch.undo()
+    ti.main(argv + ["--out", str(tmp_path / "resumed")])             # the same command resumes
+
+    a, b = state(tmp_path / "straight"), state(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 4
+    for key in ("net", "ema", "weight"):
+        assert_same_tensors(a[key], b[key])
+    for i, adam_state in a["optimizer"]["state"].items():               # Adam's moments and step counts
+        assert_same_tensors(adam_state, b["optimizer"]["state"][i])
+
+
+def test_resume_distill_with_longer_kimg(runs, tmp_path, capsys):
+    ti.main(distill(runs, tmp_path / "straight", *kimg(3)))
+    ti.main(distill(runs, tmp_path / "resumed", *kimg(1)))
+    ti.main(distill(runs, tmp_path / "resumed", *kimg(3)))
+    a, b = state(tmp_path / "straight"), state(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 3
+    assert_same_tensors(a["net"], b["net"])
+    assert_same_tensors(a["ema"], b["ema"])
+
+    capsys.readouterr()
+    ti.main(distill(runs, tmp_path / "resumed", *kimg(3)))          # finished: a no-op
+    assert "nothing to do" in capsys.readouterr().out
+    assert state(tmp_path / "resumed")["step"] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and accumulation do not change the result.
+
+def test_two_processes_and_accumulation_match_one_process(runs, tmp_path):
+    flags = (*kimg(2), "--lr", "1e-3", "--weighting", "adaptive")
+    ti.main(distill(runs, tmp_path / "one", *flags))
+    ti.main(distill(runs, tmp_path / "accumulate", *flags, "--batch-gpu", "2"))
+    ti.main(distill(runs, tmp_path / "two", *flags, "--gpus", "2"))   # spawn, gloo: 2 x 4 samples
+
+    one = state(tmp_path / "one")
+    init = ti.load_snapshot(runs / "teacher")[0].state_dict()
+    moved = max((one["net"][k] - init[k]).abs().max() for k in init)
+    assert moved > 1e-4                                                 # the runs did train
+    for other in ("accumulate", "two"):
+        b = state(tmp_path / other)
+        for key in ("net", "ema", "weight"):
+            assert_same_tensors(one[key], b[key], rtol=1e-5, atol=1e-6)
+        # Adam largely hides a wrong gradient scale; the logged gradient norm does not.
+        assert log(tmp_path / other)[-1]["grad_norm"] == pytest.approx(log(tmp_path / "one")[-1]["grad_norm"],
+                                                                       rel=1e-5)
+
+
+def _ddp_gradients(rank, world_size, port, path):
+    """One process of a gloo group: EMD and LMD gradients through DDP on this rank's half of the data."""
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    student, velocity, data = _gradient_problem()
+    ddp = DistributedDataParallel(student)
+    grads = []
+    for loss_fn in (losses.emd_loss, losses.lmd_loss):
+        student.zero_grad()
+        x_t, t, s, label, lam = (d[rank::world_size] for d in data)
+        loss_fn(ddp, velocity, x_t, t, s, label=label, lam=lam).mean().backward()
+        grad = torch.cat([p.grad.flatten() for p in student.parameters()])
+        gathered = [torch.empty_like(grad) for _ in range(world_size)]
+        dist.all_gather(gathered, grad)
+        grads.append(torch.stack(gathered))
+    if rank == 0:
+        torch.save(grads, path)
+    dist.destroy_process_group()
+
+
+def _gradient_problem(n=4):
+    """A tiny student with every gain nonzero (so s and lam matter), an autoguided tiny teacher and
+    data, in float64 so that the two ways of computing the gradient agree to rounding."""
+    gen = torch.Generator().manual_seed(0)
+
+    def tiny(seed, **kwargs):
+        torch.manual_seed(seed)
+        return unet.UNet(img_resolution=16, num_classes=10, **unet.PRESETS["tiny"], **kwargs).double()
+
+    student, teacher, guide = tiny(0, cond_s=True, cond_lam=True), tiny(1).eval(), tiny(2).eval()
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.ndim == 0:
+                p.copy_(0.5 + torch.rand([], generator=gen))
+    velocity = functools.partial(guided_velocity, as_velocity(teacher), as_velocity(guide))
+    f64 = dict(generator=gen, dtype=torch.float64)
+    t = 0.2 + 0.7 * torch.rand(n, **f64)
+    label = torch.eye(10, dtype=torch.float64)[torch.randint(10, (n,), generator=gen)]
+    data = (torch.randn(n, 3, 16, 16, **f64), t, t * torch.rand(n, **f64), label, 1 + 2 * torch.rand(n, **f64))
+    return student, velocity, data     # data: x_t, t, s, label, lam
+
+
+def test_ddp_gradients_are_synchronized_and_equal_the_full_batch_gradient(tmp_path):
+    """method.md §11: the JVP runs on net.module, the trainable forward through DDP, so gradients are
+    all-reduced; on 2 ranks with different data they equal the one-process gradient of all the data."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_gradients, args=(2, port, tmp_path / "grads.pt"), nprocs=2)
+    gathered = torch.load(tmp_path / "grads.pt", weights_only=True)
+
+    student, velocity, data = _gradient_problem()
+    for loss_fn, ranks in zip((losses.emd_loss, losses.lmd_loss), gathered):
+        assert torch.equal(ranks[0], ranks[1])                          # the same on every rank
+
+        def grad_of(rows):
+            student.zero_grad()
+            loss_fn(student, velocity, *(d[rows] for d in data[:3]), label=data[3][rows],
+                    lam=data[4][rows]).mean().backward()
+            return torch.cat([p.grad.flatten() for p in student.parameters()])
+
+        full, half = grad_of(slice(None)), grad_of(slice(0, None, 2))
+        assert torch.allclose(ranks[0], full, rtol=1e-9, atol=1e-12)
+        assert (half - full).norm() > 0.1 * full.norm()                # rank 0's data alone is far off
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors and the NaN guard.
+
+def test_checkpoints_of_another_preset_or_stage_are_clear_errors(runs, tmp_path):
+    teacher = str(runs / "teacher")
+    with pytest.raises(ValueError, match="preset: 'tiny' there, 'XS' here"):
+        ti.main(BASE + ["--preset", "XS", "--resolution", "16", "--out", teacher])
+    with pytest.raises(ValueError, match="stage: 'teacher' there, 'distill' here"):
+        ti.main(distill(runs, teacher))
+    ti.main(distill(runs, tmp_path / "student", *kimg(1)))
+    with pytest.raises(ValueError, match="--teacher .* written by --stage distill .* --stage teacher checkpoint"):
+        ti.main(distill(runs, tmp_path / "x", teacher=tmp_path / "student"))
+    with pytest.raises(ValueError, match="--guide .* written by --stage distill"):
+        ti.main(distill(runs, tmp_path / "x", guide=tmp_path / "student"))
+    with pytest.raises(ValueError, match="preset 'tiny', but --preset 'S'"):
+        ti.main(distill(runs, tmp_path / "x", "--preset", "S"))
+
+
+def test_dry_run_resolves_defaults_from_presets_and_teacher(runs, capsys):
+    ti.main(distill(runs, runs / "unused", "--dry-run"))
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["preset"] == "tiny" and cfg["resolution"] == 16 and cfg["loss"] == "emd"
+    assert cfg["lr"] == pytest.approx(ti.PRESETS["tiny"]["lr"] * 0.01)
+    assert cfg["cond_s"] and cfg["cond_lam"] and cfg["dropout"] == 0
+    assert not (runs / "unused").exists()
+
+
+def test_nan_guard_skips_the_step_on_every_parameter(tmp_path, monkeypatch):
+    """A run whose second step has a NaN loss ends with the weights of a one-step run."""
+    ti.main(TINY + kimg(1) + ["--out", str(tmp_path / "one-step")])
+
+    calls = []
+    def fm_loss_nan_in_second_step(*args, **kwargs):
+        calls.append(1)
+        loss = losses.fm_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+    monkeypatch.setattr(ti, "fm_loss", fm_loss_nan_in_second_step)
+    ti.main(TINY + kimg(2) + ["--out", str(tmp_path / "skipped")])
+
+    a, b = state(tmp_path / "one-step"), state(tmp_path / "skipped")
+    assert (b["step"], b["skipped"]) == (2, 1)
+    assert log(tmp_path / "skipped")[-1]["skipped"] == 1
+    assert_same_tensors(a["net"], b["net"])
+    assert_same_tensors(a["ema"], b["ema"])
+    assert torch.isfinite(torch.cat([v.flatten() for v in b["net"].values()])).all()
