@@ -134,10 +134,10 @@ def sliced_wasserstein(a, b, label_a, label_b, projections=256, seed=0):
     dirs = dirs / dirs.norm(dim=0)
     out = []
     for k in range(NUM_CLASSES):
-        pa = (a[label_a == k].double() @ dirs).sort(dim=0).values
-        pb = (b[label_b == k].double() @ dirs).sort(dim=0).values
-        n = min(len(pa), len(pb))
-        out.append((pa[:n] - pb[:n]).square().mean().sqrt().item())
+        pa = np.sort((dirs.T @ a[label_a == k].double().T).numpy(), axis=1)   # (projections, n_a)
+        pb = np.sort((dirs.T @ b[label_b == k].double().T).numpy(), axis=1)   # numpy sorts 6x faster
+        n = min(pa.shape[1], pb.shape[1])
+        out.append(float(np.sqrt(np.square(pa[:, :n] - pb[:, :n]).mean())))
     return sum(out) / len(out)
 
 
@@ -330,7 +330,7 @@ def main(argv=None):
     p.add_argument("--P-std", type=float, default=1.0)
     p.add_argument("--p-diag", type=float, default=0.0, help="fraction of s = t pairs")
     p.add_argument("--p-zero", type=float, default=0.1, help="fraction of s = 0 pairs")
-    p.add_argument("--weighting", default="none", choices=["none", "adaptive"])
+    p.add_argument("--weighting", default="adaptive", choices=["none", "adaptive"])
     p.add_argument("--warmup", type=int, default=500, help="tangent warmup iterations H")
     p.add_argument("--r-max", type=float, default=0.99)
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the evaluated flow-map weights")
@@ -423,7 +423,7 @@ def main(argv=None):
         return torch.randn(x.shape, generator=g)
 
     results, samples = {}, {}
-    ref_steps = 64
+    ref_steps = 32                                                      # Heun: 63 teacher evaluations
 
     def add(name, sampler, ks):
         results[name], samples[name] = {}, {}
@@ -491,7 +491,7 @@ def plot(samples, results, data, label, steps_list, ref_steps, path):
     bottom = axes[-1]
     scatter(bottom[0], data, "data")
     for j, name in enumerate(teachers):
-        scatter(bottom[1 + j], samples[name][ref_steps], f"{name}\n{ref_steps} Heun steps")
+        scatter(bottom[1 + j], samples[name][ref_steps], f"{name}\n{ref_steps} Heun steps ({2 * ref_steps - 1} NFE)")
     ax_err, ax_sw = bottom[-2], bottom[-1]
     for name in multi:
         ks = sorted(results[name])
