@@ -1,23 +1,28 @@
-"""Train the flow-matching teacher, its weak guide, and the AYF flow-map student on ImageNet 64x64.
+"""Train the flow-matching teacher, its weak guide, the AYF flow-map student and its adversarial
+finetune on ImageNet 64x64.
 
     python train_imagenet.py --data /data/imagenet/train --stage teacher --preset S --gpus 8 --out runs/teacher-S
     python train_imagenet.py --data /data/imagenet/train --stage teacher --preset XS --kimg 134218 --gpus 8 \\
                              --out runs/guide-XS                        # 1/8 of the teacher's 2^30 images
     python train_imagenet.py --data /data/imagenet/train --stage distill --loss emd --teacher runs/teacher-S \\
                              --guide runs/guide-XS --gpus 8 --out runs/ayf-S
+    python train_imagenet.py --data /data/imagenet/train --stage adv --init runs/ayf-S --teacher runs/teacher-S \\
+                             --guide runs/guide-XS --gpus 8 --out runs/ayf-S-adv
     torchrun --nnodes 4 --nproc_per_node 8 ... train_imagenet.py ...      # same script, many machines
     python train_imagenet.py --data synthetic --preset tiny --device cpu   # under a minute, no GPU
 
 Rerunning the same command resumes where it stopped; rerunning a finished run does nothing. Ctrl-C or
 SIGTERM finishes the current step, saves the training state and exits (Ctrl-\\ stops at once).
-`--dry-run` prints the resolved configuration. The whole pipeline on a CPU, about a minute and a half:
+`--dry-run` prints the resolved configuration. The whole pipeline on a CPU, about two and a half minutes:
 
     python train_imagenet.py --data synthetic --preset tiny --device cpu --out runs/teacher-tiny
     python train_imagenet.py --data synthetic --preset tiny --device cpu --kimg 0.5 --out runs/guide-tiny
     python train_imagenet.py --data synthetic --stage distill --teacher runs/teacher-tiny \\
                              --guide runs/guide-tiny --device cpu --out runs/ayf-tiny
+    python train_imagenet.py --data synthetic --stage adv --init runs/ayf-tiny --teacher runs/teacher-tiny \\
+                             --guide runs/guide-tiny --device cpu --out runs/ayf-tiny-adv
 
-Stages (shared/method.md §3-6):
+Stages (shared/method.md §3-7):
     teacher   flow matching, ||F(x_t, t, t) - (eps - x0)||^2 with t logit-normal (EDM's log-normal
               noise level on the linear path) and 10% of the labels dropped, so that CFG works. The
               weak guide of autoguidance is this stage with a smaller preset and/or a shorter --kimg.
@@ -25,6 +30,12 @@ Stages (shared/method.md §3-6):
               student of the same preset, initialized from it. --guidance auto: the teacher velocity
               is autoguided by --guide with lam ~ U[1, 3] per sample, and lam is a student input;
               cfg: the weak model is the teacher without label; none: the plain teacher.
+    adv       adversarial finetuning (AYF Sec. 3.3) of a distilled student (--init, its EMA weights):
+              generator loss = the distillation loss (r = r_max, no warmup) + --adv-weight x the RpGAN
+              generator loss of 1- and 2-step samples from noise, each paired with the real image of
+              the same label from the batch. Discriminator = the frozen teacher's encoder (its EMA)
+              at a noise level t_D ~ U[0, --adv-t-max] + a small trainable head (DiscriminatorHead),
+              trained with RpGAN + gamma/2 (R1 + R2). Choices: the section 'Adversarial finetuning'.
 The EMD / LMD loss values in the log are surrogates (about 1 / (3 R^2)): only their gradients mean
 something; follow the gradient norm and the samples instead.
 
@@ -37,17 +48,19 @@ processes (NCCL, or gloo with --device cpu); under torchrun the processes are fo
 WORLD_SIZE and LOCAL_RANK (build the dataset cache first there: `python dataset.py SRC`). --batch is
 the global batch; each process runs at most --batch-gpu samples at a time and accumulates.
 
-World-size independence: every random draw of step k (data indices, eps, t, s, lam, label dropout)
-is made for the whole global batch from a generator seeded by (seed, k), the same on every rank, and
-each process keeps its own rows. Each micro-batch's loss is summed and scaled by world_size / batch,
-so after DDP's mean over ranks the gradient is the mean over the global batch: 1 process, 8
+World-size independence: every random draw of step k (data indices, eps, t, s, lam, label dropout;
+adv: the fakes' noise and jumps, D's noise levels and noise) is made for the whole global batch from
+a generator seeded by (seed, k), the same on every rank, and each process keeps its own rows. Each
+micro-batch's loss is summed and scaled by world_size / batch, so after DDP's mean over ranks (or the
+manual all-reduce of the small heads) the gradient is the mean over the global batch: 1 process, 8
 processes or 8 accumulation rounds take the same step, up to float summation order.
 
 Outputs in --out:
     config.json          the resolved configuration
     log.jsonl            one JSON line per status interval (the status line printed by rank 0)
     snapshot.pt          {"config", "ema", "step"}: the EMA weights and all that load_snapshot() needs
-    training-state.pt    {"config", "step", "skipped", "net", "ema", "optimizer", "weight"}: resume
+    training-state.pt    {"config", "step", "skipped", "net", "ema", "optimizer", "weight", "disc",
+                         "disc_optimizer"}: resume (weight: --weighting adaptive; disc*: --stage adv)
 Both are plain state_dicts, written atomically by rank 0 every --snapshot-kimg and at the end. No
 RNG state is saved: every draw is a function of (seed, step), and dropout (M and L teachers only)
 of (seed, step, rank).
@@ -79,17 +92,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 import unet
 from dataset import batch_indices, get_batch, load_dataset
-from flowmap import as_velocity, guided_velocity
-from losses import AdaptiveWeight, emd_loss, fm_loss, lmd_loss, sample_t_s, tangent_warmup
+from flowmap import as_velocity, bcast, flow_map, guided_velocity
+from losses import (AdaptiveWeight, emd_loss, fm_loss, grad_penalty, lmd_loss, rpgan_d_loss, rpgan_g_loss,
+                    sample_t_s, tangent_warmup)
 
 # Training defaults per model size (the architectures are unet.PRESETS); every value is also a flag.
 # XS-L: EDM2's ImageNet-64 teachers (lr, lr decay, dropout, 2^30- or 2^31-image runs at batch 2048,
-# a 10 Mimg ramp-up) and sCM's distillation length (400k iterations, method.md §5); the EMA
-# half-life and the intervals are our choice. tiny: the teacher stage takes under a minute on a CPU.
-IMAGENET64 = dict(resolution=64, batch=2048, lr_rampup=5000, lr_decay=35000, distill_kimg=819200, warmup=10000,
-                  ema_kimg=10000, precision="bf16", status_kimg=100, snapshot_kimg=5000)
+# a 10 Mimg ramp-up), sCM's distillation length (400k iterations, method.md §5) and AYF's adversarial
+# finetune (about 3k iterations, method.md §7); the EMA half-life and the intervals are our choice.
+# tiny: the teacher stage takes under a minute on a CPU.
+IMAGENET64 = dict(resolution=64, batch=2048, lr_rampup=5000, lr_decay=35000, distill_kimg=819200, adv_kimg=6144,
+                  warmup=10000, ema_kimg=10000, precision="bf16", status_kimg=100, snapshot_kimg=5000)
 PRESETS = {
-    "tiny": dict(resolution=32, batch=16, lr_rampup=10, lr_decay=50, distill_kimg=0.5, warmup=20,
+    "tiny": dict(resolution=32, batch=16, lr_rampup=10, lr_decay=50, distill_kimg=0.5, adv_kimg=0.32, warmup=20,
                  ema_kimg=0.5, precision="fp32", status_kimg=0.4, snapshot_kimg=1,
                  lr=0.0100, dropout=0.0, teacher_kimg=2),
     "XS":   dict(IMAGENET64, lr=0.0120, dropout=0.0, teacher_kimg=2**30 / 1e3),
@@ -100,15 +115,18 @@ PRESETS = {
 
 # Defaults that depend on the stage. t of the teacher: EDM2's ImageNet-64 log-normal noise levels.
 # Distillation: lr = teacher lr x 0.01 (sCM); (t, s) parameters for --ts-dist logitnormal (method.md §5).
+# adv: the generator's lr is --init's last one, held constant (parse_config), and r = r_max from step 0.
 STAGES = {
     "teacher": dict(lr_scale=1.0,  P_mean=-0.8, P_std=1.6, label_dropout=0.1),
     "distill": dict(lr_scale=0.01, P_mean=-0.8, P_std=1.0, label_dropout=0.0),
+    "adv":     dict(lr_scale=None, P_mean=-0.8, P_std=1.0, label_dropout=0.0),
 }
 
 # Keys that must agree between a run and the training state it resumes from.
 SAME_RUN = ("stage", "preset", "resolution", "batch", "loss", "guidance", "weighting")
 
 ADAM_BETAS = (0.9, 0.99)        # EDM2 and sCM
+ADV_BETAS = (0.0, 0.99)         # the discriminator head's Adam (R3GAN)
 
 
 def parse_config(argv=None):
@@ -121,10 +139,12 @@ def parse_config(argv=None):
     add("--stage",         default="teacher",      choices=list(STAGES))
     add("--preset",        default=None,           choices=list(PRESETS), help="model size (S; distill: teacher's)")
     add("--out",           default=None,           help="run folder (runs/<stage>-<preset>)")
-    add("--teacher",       default=None,           help="distill: the teacher's run folder or snapshot.pt")
-    add("--guide",         default=None,           help="distill, --guidance auto: the weak guide's, likewise")
+    add("--teacher",       default=None,           help="distill, adv: the teacher's run folder or snapshot.pt")
+    add("--guide",         default=None,           help="distill, adv, --guidance auto: the weak guide's, likewise")
+    add("--init",          default=None,           help="adv: the distilled student's run folder or snapshot.pt")
     add("--loss",          default=None,           choices=["emd", "lmd"], help="distillation objective (emd)")
-    add("--guidance",      default=None,           choices=["auto", "cfg", "none"], help="of the teacher (auto)")
+    add("--guidance",      default=None,           choices=["auto", "cfg", "none"],
+                                                   help="of the teacher (distill: auto; adv: --init's)")
     # Length and batch.
     add("--kimg",          default=None,  type=float, help="training length, thousands of images")
     add("--batch",         default=None,  type=int,   help="global batch size")
@@ -152,6 +172,11 @@ def parse_config(argv=None):
     add("--lam-min",       default=1.0,   type=float, help="guidance strength lam ~ U[lam_min, lam_max]")
     add("--lam-max",       default=3.0,   type=float)
     add("--jvp",           default="exact", choices=["exact", "fd"], help="forward-mode or finite differences")
+    # Adversarial finetuning (--stage adv; method.md §7 and the section 'Adversarial finetuning').
+    add("--adv-weight",    default=0.01,  type=float, help="weight of the RpGAN generator loss")
+    add("--adv-gamma",     default=0.1,   type=float, help="R1 / R2 weight gamma of the discriminator")
+    add("--adv-lr",        default=2e-4,  type=float, help="learning rate of the discriminator head (Adam)")
+    add("--adv-t-max",     default=0.8,   type=float, help="D sees x_tD = (1 - t_D) x + t_D eps, t_D ~ U[0, this]")
     # Data, launch and bookkeeping.
     add("--resolution",    default=None,  type=int)
     add("--cache-dir",     default=None,             help="dataset cache (beside the source)")
@@ -165,15 +190,26 @@ def parse_config(argv=None):
     cfg = vars(p.parse_args(argv))
 
     stage = cfg["stage"]
-    teacher_cfg = None
+    teacher_cfg = init_cfg = None
+    if stage != "adv" and cfg["init"] is not None:
+        raise ValueError(f"--init is for --stage adv, not --stage {stage}")
     if stage == "teacher":
         for flag in ("teacher", "guide", "loss", "guidance"):
             if cfg[flag] is not None:
-                raise ValueError(f"--{flag} is for --stage distill, not --stage teacher")
+                raise ValueError(f"--{flag} is for --stage distill and adv, not --stage teacher")
         cfg.update(loss="fm", guidance=None, preset=cfg["preset"] or "S")
     else:
         if cfg["teacher"] is None:
-            raise ValueError("--stage distill needs --teacher (a teacher run folder or its snapshot.pt)")
+            raise ValueError(f"--stage {stage} needs --teacher (a teacher run folder or its snapshot.pt)")
+        if stage == "adv":
+            if cfg["init"] is None:
+                raise ValueError("--stage adv needs --init (a distill run folder or its snapshot.pt)")
+            init_cfg = read_config(cfg["init"])
+            check_stage(init_cfg, "distill", f"--init {cfg['init']}")
+            if cfg["guidance"] not in (None, init_cfg["guidance"]):     # it decides the lam input
+                raise ValueError(f"--init {cfg['init']} was distilled with --guidance {init_cfg['guidance']}, "
+                                 f"but --guidance {cfg['guidance']} was given")
+            cfg["guidance"] = init_cfg["guidance"]
         cfg.update(loss=cfg["loss"] or "emd", guidance=cfg["guidance"] or "auto")
         if (cfg["guidance"] == "auto") != (cfg["guide"] is not None):
             raise ValueError("--guidance auto needs --guide, and --guide is only used by --guidance auto")
@@ -191,6 +227,10 @@ def parse_config(argv=None):
         if cfg["dropout"]:
             raise ValueError("a distilled student must have --dropout 0 (the JVP and the trainable forward "
                              "would draw different masks)")
+        if init_cfg and (init_cfg["preset"], init_cfg["resolution"]) != (teacher_cfg["preset"],
+                                                                           teacher_cfg["resolution"]):
+            raise ValueError(f"--init {cfg['init']} is preset {init_cfg['preset']!r} at {init_cfg['resolution']}, "
+                             f"--teacher {cfg['teacher']} {teacher_cfg['preset']!r} at {teacher_cfg['resolution']}")
         cfg["preset"] = teacher_cfg["preset"]
     if cfg["guide"] is not None:
         guide_cfg = read_config(cfg["guide"])
@@ -204,7 +244,7 @@ def parse_config(argv=None):
         resolution    = teacher_cfg["resolution"] if teacher_cfg else preset["resolution"],
         kimg          = preset[f"{stage}_kimg"],
         batch         = preset["batch"],
-        lr            = preset["lr"] * defaults["lr_scale"],
+        lr            = preset["lr"] * defaults["lr_scale"] if stage != "adv" else None,
         lr_rampup     = preset["lr_rampup"],
         lr_decay      = preset["lr_decay"],
         ema_kimg      = preset["ema_kimg"],
@@ -218,6 +258,8 @@ def parse_config(argv=None):
         snapshot_kimg = preset["snapshot_kimg"],
         out           = f"runs/{stage}-{cfg['preset']}",
     )
+    if stage == "adv":      # go on at the learning rate where the distillation ended, constant; r = r_max
+        resolved.update(lr=learning_rate(num_steps(init_cfg) - 1, init_cfg), lr_rampup=0, lr_decay=0, warmup=0)
     cfg.update({k: v for k, v in resolved.items() if cfg[k] is None})
     cfg["cond_s"] = stage != "teacher"                                  # the student embeds s ...
     cfg["cond_lam"] = cfg["guidance"] in ("auto", "cfg")                # ... and lam, when guided
@@ -347,6 +389,70 @@ def peak_memory_gib(device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Adversarial finetuning (AYF Sec. 3.3; method.md §7). Our choices, which the paper leaves open:
+#   fakes         one per row of the global batch, from its own noise z, at the row's label and lam:
+#                 a 1-step sample f(z, 1, 0) or a 2-step one (1 -> 0.5 -> 0), half and half; each is
+#                 paired with the row's real image, which has the same label (relativistic pairs).
+#   D             the frozen teacher (EMA) encoder, UNet.features, at a noise level t_D ~ U[0, adv_t_max]
+#                 shared by the real and the fake of a pair (same t_D, same noise), then DiscriminatorHead.
+#   R1 / R2       taken w.r.t. the clean image x, through the noising and the frozen encoder: D is a
+#                 function of the image and the noise is part of D (grad_x = (1 - t_D) grad_{x_tD}).
+#   order         one generator step and one D step per iteration, simultaneous: both use the same
+#                 fakes (made before either update) and the current D, so the D step needs no
+#                 generator forward of its own (as toy2d.py). A skipped step skips both.
+#   optimizers    the generator's Adam at --init's last learning rate, constant; the head's Adam with
+#                 betas (0, 0.99) (R3GAN) at --adv-lr. No EMA of the head.
+#   weights       --adv-weight 0.01: at weight 1 the adversarial gradient on the generator measured 30-200x
+#                 the EMD one (tiny preset, 16-64 px; EMD's loss is a per-pixel mean of a normalized
+#                 tangent), so 0.01 puts them within a small factor. --adv-gamma 0.1 as toy2d.py;
+#                 --adv-t-max 0.8: at t_D = 0.8 the signal is already 1/8 of the noise (data std 0.5).
+#                 None of the three is tuned on images.
+
+class DiscriminatorHead(torch.nn.Module):
+    """The small trainable adversarial head on the frozen teacher's lowest-resolution encoder features:
+    1x1 conv -> pixel norm -> MP-SiLU -> global average pool -> linear score, plus a projection of the
+    pooled features on an embedding of the label (projection discriminator, Miyato & Koyama 2018),
+    which makes the score class-conditional."""
+
+    def __init__(self,
+        in_channels,                    # channels of UNet.features (4 model_channels for the 64x64 presets)
+        num_classes,                    # length of the one-hot label
+        channels = 256,                 # width of the head
+    ):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, channels, 1)
+        self.score = torch.nn.Linear(channels, 1, bias=False)       # RpGAN sees only D(real) - D(fake)
+        self.embed = torch.nn.Linear(num_classes, channels, bias=False)
+
+    def forward(self, h, label):
+        h = unet.mp_silu(unet.normalize(self.conv(h), dim=1)).mean(dim=(2, 3))   # (N, channels)
+        return self.score(h).squeeze(1) + (self.embed(label) * h).sum(dim=1)    # (N,)
+
+
+def discriminator(head, encoder, x, t, eps, label):
+    """D(x): the image noised to t_D, x_tD = (1 - t_D) x + t_D eps, through the frozen encoder (its
+    parameters take no gradient; x does) and the trainable head. Scores (N,)."""
+    x_t = torch.lerp(x, eps, bcast(t, x))                                   # (N, 3, R, R)
+    return head(encoder.features(x_t, t, label=label), label)
+
+
+def few_step_samples(net, z, u, **cond):
+    """Flow-map samples from noise (method.md §8) with the graph kept: f(f(z, 1, u), u, 0), one step
+    where u = 1 (f(z, 1, 1) = z exactly), two where u < 1."""
+    one, zero = torch.ones_like(u), torch.zeros_like(u)
+    return flow_map(net, flow_map(net, z, one, u, **cond), u, zero, **cond)
+
+
+def rpgan_d_objective(D, real, fake, gamma, **cond):
+    """The discriminator's per-sample objective, RpGAN + gamma/2 (R1 + R2) (R3GAN; method.md §7), and
+    its parts for the log: (objective, RpGAN D loss, D(real) - D(fake), R1 + R2), each (N,)."""
+    d_real, d_fake = D(real, **cond), D(fake, **cond)
+    d_loss = rpgan_d_loss(d_real, d_fake)
+    penalty = grad_penalty(D, real, **cond) + grad_penalty(D, fake, **cond)    # ||grad_x D||^2, R1 + R2
+    return d_loss + gamma / 2 * penalty, d_loss.detach(), (d_real - d_fake).detach(), penalty.detach()
+
+
+# ----------------------------------------------------------------------------------------------
 # Training.
 
 def train(cfg, rank=0, local_rank=0, world_size=1):
@@ -390,12 +496,15 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     # Setup networks.
     torch.manual_seed(cfg["seed"])
     net = build_network(cfg).to(device).train()
-    if stage == "distill":
-        teacher, teacher_cfg = load_snapshot(cfg["teacher"], device)
+    if stage != "teacher":
+        teacher, teacher_cfg = load_snapshot(cfg["teacher"], device)        # EMA weights, frozen, eval mode
         if teacher_cfg["num_classes"] != ds.num_classes:
             raise ValueError(f"--teacher {cfg['teacher']} has {teacher_cfg['num_classes']} classes, "
                              f"--data {cfg['data']} has {ds.num_classes}")
-        unet.init_student_from_teacher(net, teacher.state_dict())
+        if stage == "distill":
+            unet.init_student_from_teacher(net, teacher.state_dict())
+        else:                                                       # adv: finetune the distilled EMA
+            net.load_state_dict(load_snapshot(cfg["init"], device)[0].state_dict())
         if cfg["guidance"] == "auto":                               # v_weak + lam (v - v_weak), method.md §6
             guide, _ = load_snapshot(cfg["guide"], device)
             velocity = functools.partial(guided_velocity, as_velocity(teacher), as_velocity(guide))
@@ -407,6 +516,12 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     weight = AdaptiveWeight().to(device) if cfg["weighting"] == "adaptive" else None
     params = list(net.parameters()) + (list(weight.parameters()) if weight else [])
     optimizer = torch.optim.Adam(params, lr=cfg["lr"], betas=ADAM_BETAS)
+    head = optimizer_D = None
+    if stage == "adv":                                              # the same initial head on every rank
+        arch = unet.PRESETS[cfg["preset"]]
+        head = DiscriminatorHead(arch["model_channels"] * arch["channel_mult"][-1], ds.num_classes).to(device)
+        D = functools.partial(discriminator, head, teacher)         # the teacher is the frozen encoder
+        optimizer_D = torch.optim.Adam(head.parameters(), lr=cfg["adv_lr"], betas=ADV_BETAS)
 
     # Resume.
     step = skipped = 0
@@ -418,6 +533,9 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
         optimizer.load_state_dict(state["optimizer"])
         if weight:
             weight.load_state_dict(state["weight"])
+        if head:
+            head.load_state_dict(state["disc"])
+            optimizer_D.load_state_dict(state["disc_optimizer"])
         step, skipped = state["step"], state["skipped"]
         del state
     total_steps = num_steps(cfg)
@@ -437,6 +555,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     # Main training loop.
     loss_sum = torch.zeros([], device=device)                       # per-sample losses of the finite steps
     grad_norm_sum = torch.zeros([], device=device)
+    adv_sum = torch.zeros(4, device=device)                         # adv: G adv loss, D loss, D gap, R1 + R2
     finite_steps = steps_since = 0
     tick, stop = time.time(), False
     with stop_requests(rank) as stop_requested:
@@ -453,6 +572,11 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                                   generator=gen, device=device)     # (B,), (B,), 1 >= t >= s >= 0
             lam = cfg["lam_min"] + (cfg["lam_max"] - cfg["lam_min"]) * torch.rand(B, generator=gen, device=device)
             keep = torch.rand(B, generator=gen, device=device) >= cfg["label_dropout"]   # (B,) label dropout
+            if stage == "adv":                                      # fakes' noise and jumps, D's noise level
+                z = torch.randn(B, 3, R, R, generator=gen, device=device)                # (B, 3, R, R)
+                u = torch.where(torch.rand(B, generator=gen, device=device) < 0.5, 1.0, 0.5)   # 1: one step
+                t_D = cfg["adv_t_max"] * torch.rand(B, generator=gen, device=device)
+                eps_D = torch.randn(B, 3, R, R, generator=gen, device=device)            # (B, 3, R, R)
             if cfg["dropout"]:
                 torch.manual_seed(seed_of(cfg["seed"], step, rank))  # residual dropout masks
             r = tangent_warmup(step, cfg["warmup"], cfg["r_max"])
@@ -460,7 +584,8 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
 
             # Forward and backward, one micro-batch at a time; DDP all-reduces in the last backward.
             optimizer.zero_grad(set_to_none=True)
-            step_loss = torch.zeros([], device=device)
+            step_loss, step_adv = torch.zeros([], device=device), torch.zeros(4, device=device)
+            pairs = []                                              # adv: (real, fake, label) per micro-batch
             for a, rows in enumerate(micro_batches):
                 x0, label = get_batch(ds, idx[rows], device)        # (b, 3, R, R) in [-1, 1], (b, K)
                 label = label * keep[rows, None]
@@ -478,6 +603,13 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                                 loss = lmd_loss(ddp, velocity, x_t, t[rows], s[rows], c=cfg["c"],
                                                 jvp_method=cfg["jvp"], **cond)              # (b,)
                         weighted = weight(loss, t[rows], s[rows]) if weight else loss       # exp(-u) L + u
+                        if stage == "adv":                          # + w RpGAN, through the student's jumps
+                            fake = few_step_samples(ddp, z[rows], u[rows], **cond)           # (b, 3, R, R)
+                            d_cond = dict(t=t_D[rows], eps=eps_D[rows], label=label)
+                            g_adv = rpgan_g_loss(D(x0, **d_cond), D(fake, **d_cond))        # (b,)
+                            weighted = weighted + cfg["adv_weight"] * g_adv
+                            step_adv[0] += g_adv.detach().sum()
+                            pairs.append((x0, fake.detach(), label))
                     # sum / B per micro-batch, times world_size against DDP's mean: the global-batch mean.
                     (weighted.sum() * (world_size / B)).backward()
                 step_loss += loss.detach().sum()
@@ -486,10 +618,27 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                     dist.all_reduce(p.grad)
                     p.grad /= world_size
 
-            # NaN guard: if any loss or gradient is not finite, every rank skips the update.
+            # Discriminator: RpGAN + gamma/2 (R1 + R2) on the generator step's pairs, against the same D.
+            if stage == "adv":
+                optimizer_D.zero_grad(set_to_none=True)             # drop what the generator loss left there
+                for rows, (x0, fake, label) in zip(micro_batches, pairs):
+                    with autocast:
+                        d_obj, *parts = rpgan_d_objective(D, x0, fake, cfg["adv_gamma"], t=t_D[rows],
+                                                          eps=eps_D[rows], label=label)     # (b,) each
+                    (d_obj.sum() * (world_size / B)).backward()
+                    step_adv[1:] += torch.stack([part.sum() for part in parts])
+                if world_size > 1:                                  # the head is not under DDP either
+                    for p in head.parameters():
+                        dist.all_reduce(p.grad)
+                        p.grad /= world_size
+
+            # NaN guard: if any loss or gradient is not finite, every rank skips the update (of both nets).
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            flags = torch.stack([~(torch.isfinite(grad_norm) & torch.isfinite(step_loss)),
-                                 torch.tensor(bool(stop_requested), device=device)]).float()
+            finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
+            if head:
+                d_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in head.parameters()])
+                finite &= torch.isfinite(d_grad_norm) & torch.isfinite(step_adv).all()
+            flags = torch.stack([~finite, torch.tensor(bool(stop_requested), device=device)]).float()
             if world_size > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             nonfinite, stop = flags.tolist()
@@ -506,7 +655,10 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                 net.normalize_weights_()                            # EDM2 forced weight normalization
                 beta = ema_beta((step + 1) * B, B, cfg)
                 torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - beta)
+                if head:
+                    optimizer_D.step()
                 loss_sum += step_loss
+                adv_sum += step_adv
                 grad_norm_sum += grad_norm
                 finite_steps += 1
             step += 1
@@ -517,19 +669,26 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
             if step % status_every == 0 or done:
                 if world_size > 1:
                     dist.all_reduce(loss_sum)
+                    dist.all_reduce(adv_sum)
                 stats = dict(kimg=step * B / 1000, step=step, loss=loss_sum.item() / max(finite_steps * B, 1),
                              lr=lr, r=r, grad_norm=grad_norm_sum.item() / max(finite_steps, 1),
                              sec_per_kimg=(time.time() - tick) / (steps_since * B / 1000),
                              mem_gib=peak_memory_gib(device), skipped=skipped)
+                if stage == "adv":                                  # per-sample means; ln 2 = 0.69 at a draw
+                    means = (adv_sum / max(finite_steps * B, 1)).tolist()
+                    stats.update(zip(("g_adv", "d_loss", "d_real_minus_fake", "r1_r2"), means))
                 if rank == 0:
                     print(f"kimg {stats['kimg']:<8.2f} step {step:<7d} loss {stats['loss']:<8.3g} lr {lr:<8.2e} "
                           + (f"r {r:<5.3f} " if cfg["loss"] == "emd" else "")
+                          + (f"D {stats['d_loss']:<6.3f} G_adv {stats['g_adv']:<6.3f} "
+                             f"D(real)-D(fake) {stats['d_real_minus_fake']:<+7.3f} " if stage == "adv" else "")
                           + f"sec/kimg {stats['sec_per_kimg']:<7.2f} mem {stats['mem_gib']:.2f} GiB "
                           + f"skipped {skipped}")
                     with open(out / "log.jsonl", "a") as f:
                         f.write(json.dumps(stats) + "\n")
                 loss_sum.zero_()
                 grad_norm_sum.zero_()
+                adv_sum.zero_()
                 finite_steps = steps_since = 0
                 tick = time.time()
 
@@ -538,7 +697,9 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                 save_atomic(dict(config=cfg, ema=ema.state_dict(), step=step), out / "snapshot.pt")
                 save_atomic(dict(config=cfg, step=step, skipped=skipped, net=net.state_dict(),
                                  ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                                 weight=weight.state_dict() if weight else None), state_path)
+                                 weight=weight.state_dict() if weight else None,
+                                 disc=head.state_dict() if head else None,
+                                 disc_optimizer=optimizer_D.state_dict() if head else None), state_path)
     if rank == 0:
         print(f"{'stopped' if stop else 'finished'} at step {step}: {out / 'training-state.pt'}")
     if world_size > 1:

@@ -3,10 +3,11 @@
 The tests compare two independent computations: an interrupted-and-resumed run against an
 uninterrupted one, 2 processes (gloo) and gradient accumulation against one process, DDP gradients
 against the single-process gradient on the concatenated data, a run with a skipped step against a
-shorter run.
+shorter run, an adversarial finetune with and without its adversarial term.
 """
 import functools
 import json
+import math
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 import losses
 import train_imagenet as ti
 import unet
-from flowmap import as_velocity, guided_velocity
+from flowmap import as_velocity, guided_velocity, sample_flow_map
 
 B = 8                                                                   # global batch of every run
 BASE = ["--data", "synthetic", "--device", "cpu", "--batch", str(B), "--status-kimg", "1", "--snapshot-kimg", "1"]
@@ -289,3 +290,151 @@ def test_nan_guard_skips_the_step_on_every_parameter(tmp_path, monkeypatch):
     assert_same_tensors(a["net"], b["net"])
     assert_same_tensors(a["ema"], b["ema"])
     assert torch.isfinite(torch.cat([v.flatten() for v in b["net"].values()])).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Adversarial finetuning (--stage adv).
+
+@pytest.fixture(scope="module")
+def distilled(runs):
+    """runs/ayf: a guided EMD student (2 steps) to finetune."""
+    ti.main(distill(runs, runs / "ayf", *kimg(2)))
+    return runs / "ayf"
+
+
+def adv(runs, out, *flags, init="ayf"):
+    """argv of an adversarial finetune of runs/<init> with the teacher and guide of `runs`."""
+    return BASE + ["--stage", "adv", "--init", str(runs / init), "--teacher", str(runs / "teacher"),
+                   "--guide", str(runs / "guide"), "--out", str(out), *flags]
+
+
+def adam_moments(optimizer_state):
+    """Adam's first moments of every parameter; with beta1 = 0 (the head's) the last gradient itself."""
+    return [s["exp_avg"] for _, s in sorted(optimizer_state["state"].items())]
+
+
+def test_adv_snapshot_samples_like_distill_and_the_encoder_stays_frozen(runs, distilled, tmp_path, monkeypatch):
+    """D's encoder is the teacher network itself: after training it equals its snapshot and holds no
+    gradient, while every head parameter got one. The snapshot samples like the student it came from."""
+    loaded = {}
+    load_snapshot = ti.load_snapshot
+    def load_and_keep(path, device="cpu"):
+        net, config = load_snapshot(path, device)
+        loaded[str(path)] = net
+        return net, config
+    monkeypatch.setattr(ti, "load_snapshot", load_and_keep)
+    ti.main(adv(runs, tmp_path, *kimg(2), "--adv-lr", "1e-2"))
+    monkeypatch.undo()
+
+    # The teacher, whose encoder is D's, is bit for bit what its snapshot holds and took no gradient.
+    encoder = loaded[str(runs / "teacher")]
+    assert_same_tensors(encoder.state_dict(), ti.load_snapshot(runs / "teacher")[0].state_dict())
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+    assert not encoder.training
+
+    trained = state(tmp_path)
+    assert trained["step"] == 2
+    assert all(g.abs().max() > 0 and torch.isfinite(g).all() for g in adam_moments(trained["disc_optimizer"]))
+    stats = log(tmp_path)[-1]
+    assert stats["skipped"] == 0
+    assert all(math.isfinite(stats[k]) for k in ("g_adv", "d_loss", "d_real_minus_fake", "r1_r2"))
+
+    # The snapshot rebuilds and samples exactly as a distilled student's does.
+    net, config = ti.load_snapshot(tmp_path)
+    student, student_config = ti.load_snapshot(distilled)
+    assert config["stage"] == "adv"
+    assert_same_tensors(net.state_dict(), trained["ema"])
+    for key in ("preset", "resolution", "num_classes", "cond_s", "cond_lam", "dropout", "guidance"):
+        assert config[key] == student_config[key], key
+    z, label, lam = torch.randn(2, 3, 16, 16), torch.eye(10)[:2], torch.tensor([1.0, 2.0])
+    x, x_student = (sample_flow_map(n, z, 2, label=label, lam=lam) for n in (net, student))
+    assert x.shape == z.shape and torch.isfinite(x).all()
+    assert 0 < (x - x_student).abs().max() < 1                          # finetuned, not replaced
+
+
+def test_adv_term_alone_moves_the_generator_and_the_d_step_uses_the_fakes_before_it(runs, distilled, tmp_path,
+                                                                                     monkeypatch):
+    """With the EMD term multiplied by 0, the generator's gradient is the adversarial term's: zero at
+    --adv-weight 0, nonzero at 1. The D step of step 0 sees the fakes made before the generator's
+    update, so it is the same in both runs."""
+    monkeypatch.setattr(ti, "emd_loss", lambda *args, **kwargs: 0 * losses.emd_loss(*args, **kwargs))
+    for w in ("0", "1"):
+        ti.main(adv(runs, tmp_path / w, *kimg(1), "--adv-weight", w, "--lr", "1e-3", "--adv-lr", "1e-2"))
+    off, on = state(tmp_path / "0"), state(tmp_path / "1")
+
+    assert all(torch.equal(m, torch.zeros_like(m)) for m in adam_moments(off["optimizer"]))
+    assert all(m.abs().max() > 0 for m in adam_moments(on["optimizer"]))       # every generator parameter
+    assert max((on["net"][k] - off["net"][k]).abs().max() for k in on["net"]) > 1e-4
+    assert_same_tensors(off["disc"], on["disc"])
+    assert all(m.abs().max() > 0 for m in adam_moments(on["disc_optimizer"]))  # every head parameter
+
+
+def test_adv_resume_is_bit_identical(runs, distilled, tmp_path):
+    flags = ("--lr", "1e-3", "--adv-lr", "1e-2", "--adv-weight", "1")
+    ti.main(adv(runs, tmp_path / "straight", *kimg(3), *flags))
+    ti.main(adv(runs, tmp_path / "resumed", *kimg(1), *flags))
+    ti.main(adv(runs, tmp_path / "resumed", *kimg(3), *flags))
+    a, b = state(tmp_path / "straight"), state(tmp_path / "resumed")
+    assert a["step"] == b["step"] == 3
+    for key in ("net", "ema", "disc"):
+        assert_same_tensors(a[key], b[key])
+    for key in ("optimizer", "disc_optimizer"):
+        for i, adam_state in a[key]["state"].items():
+            assert_same_tensors(adam_state, b[key]["state"][i])
+
+
+def test_adv_two_processes_and_accumulation_match_one_process(runs, distilled, tmp_path):
+    flags = (*kimg(2), "--lr", "1e-3", "--adv-lr", "1e-2", "--adv-weight", "1")
+    ti.main(adv(runs, tmp_path / "one", *flags))
+    ti.main(adv(runs, tmp_path / "accumulate", *flags, "--batch-gpu", "2"))
+    ti.main(adv(runs, tmp_path / "two", *flags, "--gpus", "2"))       # spawn, gloo: 2 x 4 samples
+
+    one = state(tmp_path / "one")
+    for other in ("accumulate", "two"):
+        b = state(tmp_path / other)
+        # atol: Adam's first step is lr g / (|g| + 1e-8), so the summation-order rounding of a gradient
+        # entry near 1e-8 moves its weight by up to a few % of lr (measured: 2.6e-5 at lr 1e-3).
+        for key in ("net", "ema", "disc"):
+            assert_same_tensors(one[key], b[key], rtol=1e-5, atol=3e-5)
+        for key in ("grad_norm", "g_adv", "d_loss", "d_real_minus_fake", "r1_r2"):
+            assert log(tmp_path / other)[-1][key] == pytest.approx(log(tmp_path / "one")[-1][key], rel=1e-5)
+
+
+def test_nan_in_the_d_loss_skips_both_updates(runs, distilled, tmp_path, monkeypatch):
+    """A run whose second D objective is NaN ends with the generator, EMA and head of a one-step run."""
+    flags = ("--lr", "1e-3", "--adv-lr", "1e-2")
+    ti.main(adv(runs, tmp_path / "one-step", *kimg(1), *flags))
+
+    calls, rpgan_d_objective = [], ti.rpgan_d_objective
+    def d_objective_nan_in_second_step(*args, **kwargs):
+        calls.append(1)
+        d_obj, *parts = rpgan_d_objective(*args, **kwargs)
+        return (d_obj * float("nan") if len(calls) == 2 else d_obj, *parts)
+    monkeypatch.setattr(ti, "rpgan_d_objective", d_objective_nan_in_second_step)
+    ti.main(adv(runs, tmp_path / "skipped", *kimg(2), *flags))
+
+    a, b = state(tmp_path / "one-step"), state(tmp_path / "skipped")
+    assert (b["step"], b["skipped"]) == (2, 1)
+    for key in ("net", "ema", "disc"):
+        assert_same_tensors(a[key], b[key])
+
+
+def test_adv_checks_its_init_and_resolves_from_it(runs, distilled, tmp_path, capsys):
+    with pytest.raises(ValueError, match="--init .* written by --stage teacher .* --stage distill checkpoint"):
+        ti.main(adv(runs, tmp_path, init="teacher"))
+    argv = adv(runs, tmp_path)
+    with pytest.raises(ValueError, match="--stage adv needs --init"):
+        ti.main(argv[:argv.index("--init")] + argv[argv.index("--init") + 2:])
+    with pytest.raises(ValueError, match="--init is for --stage adv"):
+        ti.main(distill(runs, tmp_path, "--init", str(distilled)))
+    with pytest.raises(ValueError, match="distilled with --guidance auto, but --guidance none"):
+        ti.main(adv(runs, tmp_path, "--guidance", "none"))
+    with pytest.raises(ValueError, match="stage: 'distill' there, 'adv' here"):
+        ti.main(adv(runs, distilled))
+
+    ti.main(adv(runs, tmp_path / "unused", "--dry-run"))
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["stage"] == "adv" and cfg["guidance"] == "auto" and cfg["cond_lam"] and cfg["cond_s"]
+    assert cfg["lr"] == pytest.approx(ti.learning_rate(1, ti.read_config(distilled)))   # its last step's
+    assert (cfg["warmup"], cfg["lr_rampup"], cfg["lr_decay"]) == (0, 0, 0)
+    assert cfg["kimg"] == ti.PRESETS["tiny"]["adv_kimg"]
