@@ -460,6 +460,7 @@ def run(args, rank=0, local_rank=0, world_size=1):
 
 def _spawned(local_rank, args, world_size):
     run(args, rank=local_rank, local_rank=local_rank, world_size=world_size)
+    ti.exit_worker()
 
 
 def main(argv=None):
@@ -472,6 +473,8 @@ def main(argv=None):
         if args.bench and world_size > 1:
             raise ValueError("--bench times one process; launch it without torchrun")
         run(args, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world_size)
+        if world_size > 1:
+            ti.exit_worker()
     elif args.gpus > 1:
         if args.bench:
             raise ValueError("--bench times one process; drop --gpus")

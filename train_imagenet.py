@@ -81,6 +81,7 @@ import math
 import resource
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -709,9 +710,19 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
 # ----------------------------------------------------------------------------------------------
 # Launch.
 
+def exit_worker():
+    """End a process of a process group once its work is done and saved, skipping interpreter
+    shutdown: there, gloo's threads abort the process now and then ("terminate called without an
+    active exception"; 2 of 30 two-process runs here, 0 of 40 with this exit)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _spawned(local_rank, cfg, world_size):
     signal.signal(signal.SIGINT, signal.default_int_handler)       # the parent ignores Ctrl-C, not us
     train(cfg, rank=local_rank, local_rank=local_rank, world_size=world_size)
+    exit_worker()
 
 
 def main(argv=None):
@@ -734,6 +745,7 @@ def main(argv=None):
         if cfg["gpus"] != 1:
             raise ValueError("--gpus is for a single-machine launch; under torchrun use --nproc_per_node")
         train(cfg, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+        exit_worker()
     elif cfg["gpus"] > 1:
         if cfg["device"] != "cpu" and torch.cuda.device_count() < cfg["gpus"]:
             raise ValueError(f"--gpus {cfg['gpus']}, but {torch.cuda.device_count()} CUDA devices are visible "

@@ -197,6 +197,7 @@ def _ddp_gradients(rank, world_size, port, path):
     if rank == 0:
         torch.save(grads, path)
     dist.destroy_process_group()
+    ti.exit_worker()
 
 
 def _gradient_problem(n=4):
