@@ -13,7 +13,8 @@ finetune on ImageNet 64x64.
 
 Rerunning the same command resumes where it stopped; rerunning a finished run does nothing. Ctrl-C or
 SIGTERM finishes the current step, saves the training state and exits (Ctrl-\\ stops at once).
-`--dry-run` prints the resolved configuration. The whole pipeline on a CPU, about two and a half minutes:
+`--dry-run` prints the resolved configuration; `--bench` (with bench.py's flags instead of these)
+times every kind of step side by side. The whole pipeline on a CPU, about two and a half minutes:
 
     python train_imagenet.py --data synthetic --preset tiny --device cpu --out runs/teacher-tiny
     python train_imagenet.py --data synthetic --preset tiny --device cpu --kimg 0.5 --out runs/guide-tiny
@@ -726,6 +727,11 @@ def _spawned(local_rank, cfg, world_size):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bench" in argv:                                           # the step-cost benchmark: bench.py's flags
+        import bench
+        argv.remove("--bench")
+        return bench.main(argv)
     cfg = parse_config(argv)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     if cfg["dry_run"]:

@@ -1,0 +1,95 @@
+"""bench.py end to end on a CPU at toy size: every row is there with a finite positive time, and the
+network calls of each sampler, counted by a wrapper, are what the sampler's NFE says. No timing
+assertions: the machine is shared."""
+import json
+import math
+
+import pytest
+import torch
+
+import bench
+from flowmap import sample_flow_map, sample_ode
+
+STEP_KINDS = ["forward (student)", "forward (guide)", "FM step (teacher)", "EMD (a)", "EMD + autoguide", "LMD",
+              "LMD + autoguide", "EMD (a0) torch.func.jvp", "EMD (b) one pass", "EMD (c) finite diff."]
+SAMPLERS = {"flow map, 1 step": 1, "flow map, 2 steps": 2, "flow map, 4 steps": 4, "flow map, 8 steps": 8,
+            "teacher Heun, 32 steps": 63}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """bench.main sets one thread (its default); give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    out = bench.main(["--preset", "tiny", "--batch", "2", "--resolution", "16", "--device", "cpu",
+                      "--reps", "2", "--warmup", "1", "--scan-batch", "1,2", "--json", str(path)])
+    assert json.loads(path.read_text())["rows"] == json.loads(json.dumps(out["rows"]))
+    return out
+
+
+def rows(result, section):
+    return {row["name"]: row for row in result["rows"] if row["section"] == section}
+
+
+def test_every_step_kind_has_a_finite_positive_time_memory_and_flops(result):
+    steps = rows(result, "steps")
+    assert list(steps) == STEP_KINDS
+    for name, row in steps.items():
+        assert math.isfinite(row["median_s"]) and row["median_s"] > 0, name
+        assert row["iqr_s"] >= 0 and row["forwards"] > 0 and row["memory_mib"] > 0, name
+    assert steps["forward (student)"]["flop_forwards"] == 1
+    # The counted FLOPs follow the cost model (module docstring): a backward costs two forwards, the
+    # tangent pass about two (the convolutions' input tangents) and four with torch.func's rule.
+    assert steps["FM step (teacher)"]["flop_forwards"] == pytest.approx(3, abs=0.1)
+    assert steps["EMD (a)"]["flop_forwards"] < steps["EMD (a0) torch.func.jvp"]["flop_forwards"] - 0.5
+    for name in STEP_KINDS[3:]:
+        assert {c["name"] for c in steps[name]["checks"]} == {"time/FM", "mem/FM"}, name
+
+
+def test_tangent_variants_give_the_default_gradient(result):
+    steps = rows(result, "steps")
+    assert steps["EMD (a0) torch.func.jvp"]["grad_err"] < 1e-5
+    assert steps["EMD (b) one pass"]["grad_err"] < 1e-5
+    assert steps["EMD (c) finite diff."]["grad_err"] < 1e-2                  # O(h^2), approximate
+
+
+def test_sampling_rows_count_their_network_calls(result):
+    sampling = rows(result, "sampling")
+    assert list(sampling) == ["forward (student)", *SAMPLERS]
+    for name, calls in SAMPLERS.items():
+        assert sampling[name]["nfe"] == calls, name
+        assert sampling[name]["median_s"] > 0
+        assert next(c for c in sampling[name]["checks"] if c["name"] == "calls")["ok"], name
+
+
+def test_scan_rows(result):
+    assert list(rows(result, "scan")) == [f"tiny b{B}: {name}" for B in (1, 2)
+                                          for name in ("forward (student)", "FM step (teacher)", "EMD (a)")]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_counting_wrapper_counts_flow_map_and_heun_calls(steps):
+    """bench.counting on its own, on a net that is not a U-Net: K-step sampling is K calls, Heun 2K - 1."""
+    net, calls = bench.counting(lambda x, t, s: -x)
+    sample_flow_map(net, torch.randn(3, 2), steps)
+    assert len(calls) == steps
+    net, calls = bench.counting(lambda x, t, s: -x)
+    sample_ode(lambda x, t: net(x, t, t), torch.randn(3, 2), steps, "heun")
+    assert len(calls) == 2 * steps - 1
+
+
+def test_cpu_working_memory_sees_a_known_allocation():
+    """The profiler-based CPU measurement against a known peak: 4 MB + 8 MB alive together."""
+    def fn():
+        a = torch.ones(1_000_000)                                           # 4 MB
+        b = torch.ones(2_000_000)                                           # 8 MB
+        return float(a.sum() + b.sum())
+    peak = bench.working_memory(fn, torch.device("cpu"))
+    assert 12_000_000 <= peak < 12_100_000
+
