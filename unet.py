@@ -11,7 +11,7 @@ on the target eps - x0. A student (cond_s=True, cond_lam=True) is F_theta(x_t, t
 flow map f = x_t + (s - t) F (AYF Eq. 6). s and lam enter through zero-initialized branches, so a
 student initialized from a teacher reproduces it bit for bit (init_student_from_teacher).
 
-Forward-mode AD (torch.autograd.forward_ad (losses.jvp)) goes through the whole network: attention is explicit einsum +
+Forward-mode AD (losses.jvp, dual numbers) goes through the whole network: attention is explicit einsum +
 softmax, no in-place op touches an activation, no BatchNorm, no checkpointing. EDM2's forced weight
 normalization rewrites the weights in place, so it is a separate step, normalize_weights_(), that
 the training loop calls after every optimizer step (method.md §11); forward only normalizes a copy.
