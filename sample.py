@@ -388,17 +388,7 @@ def benchmark(rows, config, batch, device, reps, vs_last=False):
 
 def run(args, rank=0, local_rank=0, world_size=1):
     """Sample (and score, or time) in one process; with world_size > 1 one of a process group."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
-        if device.type == "cpu":                                        # share the cores between processes
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
+    args.device, device = ti.setup_process(args.device, rank, local_rank, world_size)
 
     # Setup networks.
     net, config = ti.load_snapshot(args.ckpt, device)

@@ -461,18 +461,9 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     """One process of a training run; the sections below are the whole algorithm."""
     out = Path(cfg["out"])
     stage, B = cfg["stage"], cfg["batch"]
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if cfg["device"] == "cuda" else cfg["device"])
+    cfg["device"], device = setup_process(cfg["device"], rank, local_rank, world_size)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
-        if device.type == "cpu":                                    # share the cores between processes
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
 
     # Batch split: global batch B = world_size x rounds x batch_gpu.
     if B % world_size:
@@ -710,6 +701,24 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
 
 # ----------------------------------------------------------------------------------------------
 # Launch.
+
+def setup_process(device, rank, local_rank, world_size):
+    """Resolve --device (auto: CUDA if there is one), pin this process's GPU, and join the process
+    group when there are several processes (NCCL on CUDA, gloo on CPU, whose processes then share
+    the cores). Returns (the resolved --device string, the torch.device). Used by sample.py too."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo", rank=rank,
+                                world_size=world_size, device_id=torch_device if torch_device.type == "cuda" else None)
+        if torch_device.type == "cpu":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
+    return device, torch_device
+
 
 def exit_worker():
     """End a process of a process group once its work is done and saved, skipping interpreter

@@ -16,14 +16,6 @@ SAMPLERS = {"flow map, 1 step": 1, "flow map, 2 steps": 2, "flow map, 4 steps": 
             "teacher Heun, 32 steps": 63}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """bench.main sets one thread (its default); give the other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"

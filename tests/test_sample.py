@@ -25,20 +25,6 @@ TRAIN = ["--data", "synthetic", "--device", "cpu", "--batch", "8", "--status-kim
 R, K = 16, 10                                                           # resolution and classes of the runs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here and in spawned processes: the 2 cores are shared (see test_unet.py)."""
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if omp is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = omp
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Run folders teacher (3 steps), guide (2), ayf (guided EMD student, lam input, 2), ayf-none (1)."""

@@ -32,20 +32,6 @@ def kimg(steps):
     return ["--kimg", str(steps * B / 1000)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here and in spawned processes: the 2 cores are shared (see test_unet.py)."""
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if omp is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = omp
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A teacher (3 steps) and a weak guide (2 steps), shared by the distillation tests."""

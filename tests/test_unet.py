@@ -7,16 +7,6 @@ from unet import PRESETS, UNet, MPConv, init_student_from_teacher
 N, CLASSES = 2, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: this tiny net runs many small ops, and with 2 threads on a 2-core machine
-    that another process also uses, OpenMP's waiting made this file take 85 s instead of 7 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kwargs):
     return UNet(num_classes=CLASSES, **PRESETS["tiny"], **kwargs).eval()
 
