@@ -18,7 +18,7 @@ def bcast(t, x):
 
 
 def flow_map(net, x, t, s, **cond):
-    """AYF Eq. 6 (Euler / average-velocity parameterization): f(x_t, t, s) = x_t + (s - t) F(x_t, t, s).
+    """AYF Sec. 3 (Euler / average-velocity parameterization; method.md §1): f(x_t, t, s) = x_t + (s - t) F(x_t, t, s).
 
     At s = t the map is the identity whatever F is, and F(x, t, t) plays the role of the velocity.
     """

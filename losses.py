@@ -1,8 +1,8 @@
 """Every training objective of AYF, each returning per-sample losses; the training loop reduces them.
 
     fm_loss        flow matching, for the teacher and the weak guide
-    emd_loss       AYF-EMD, the Eulerian map distillation objective (AYF Sec. 3.1, Thm. 3.2)
-    lmd_loss       AYF-LMD, the Lagrangian map distillation objective (AYF Sec. 3.1, Thm. 3.3)
+    emd_loss       AYF-EMD, the Eulerian map distillation objective (AYF Sec. 3.1, its Eulerian theorem)
+    lmd_loss       AYF-LMD, the Lagrangian map distillation objective (AYF Sec. 3.1, its Lagrangian theorem)
     the consistency-model baseline is emd_loss with s = 0 (continuous-time CM, sCM)
     rpgan_*        relativistic pairing GAN with R1 / R2 penalties, for adversarial finetuning (AYF Sec. 3.3)
 
@@ -102,7 +102,7 @@ def fm_loss(net, x0, eps, t, **cond):
 
 
 def emd_loss(net, velocity, x_t, t, s, r=0.99, c=0.1, jvp_method="exact", **cond):
-    """AYF-EMD, Eulerian map distillation (AYF Sec. 3.1, Theorem 3.2; method.md §3). Per-sample surrogate.
+    """AYF-EMD, Eulerian map distillation (AYF Sec. 3.1, Eulerian theorem; method.md §3). Per-sample surrogate.
 
     Discrete form. Match the map at (x_t, t) to the stop-gradient map one teacher Euler step closer
     to s, both landing at s:
@@ -143,7 +143,7 @@ def emd_loss(net, velocity, x_t, t, s, r=0.99, c=0.1, jvp_method="exact", **cond
 
 
 def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", **cond):
-    """AYF-LMD, Lagrangian map distillation (AYF Sec. 3.1, Theorem 3.3; method.md §4). Per-sample surrogate.
+    """AYF-LMD, Lagrangian map distillation (AYF Sec. 3.1, Lagrangian theorem; method.md §4). Per-sample surrogate.
 
     Discrete form. Map from t to a point s' slightly beyond s, then take one teacher Euler step
     from s' back to s:

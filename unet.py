@@ -8,7 +8,7 @@ and Appendix B), not from its code. Calling convention (flowmap.py):
 
 A teacher (cond_s=False, cond_lam=False) ignores s: net(x, t, t) is its velocity v(x, t), trained
 on the target eps - x0. A student (cond_s=True, cond_lam=True) is F_theta(x_t, t, s, lam) of the
-flow map f = x_t + (s - t) F (AYF Eq. 6). s and lam enter through zero-initialized branches, so a
+flow map f = x_t + (s - t) F (AYF Sec. 3). s and lam enter through zero-initialized branches, so a
 student initialized from a teacher reproduces it bit for bit (init_student_from_teacher).
 
 Forward-mode AD (losses.jvp, dual numbers) goes through the whole network: attention is explicit einsum +
