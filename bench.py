@@ -23,14 +23,15 @@ Steps. Each kind is one iteration of train_imagenet.py's loop on one batch: the 
 synchronizes), Adam, forced weight normalization (normalize_weights_) and the EMA update. Random
 weights: the time does not depend on training. The networks run once before anything is timed.
 
-Tangent variants, timed as EMD steps beside the others (method.md §11 for DDP):
-    (a)  losses.jvp, the default: one forward-mode pass without graph (dual numbers, convolutions
-         without the weights' zero tangents), then the trainable forward
-    (a0) the same with torch.func.jvp, as losses.py had it: its convolution rule also convolves x
-         with a tangent of zeros for the weights, a third convolution per layer
-    (b)  one forward-mode pass of the trainable network: the primal keeps the autograd graph and is
-         F_theta, the tangent is read off detached; saves the trainable forward, but autograd also
-         records the tangent's computation (the weights require grad)
+Tangent variants, timed as EMD steps beside the others (jvp.py explains the default):
+    (a)  losses.emd_loss as it is: one forward pass gives F_theta with its graph and the tangent
+         dF/dt without, from jvp.py's tangent rules
+    (a1) the same rules in two passes: a JVP of the stop-gradient network without graph, then the
+         trainable forward (the primal is computed twice)
+    (a2) two passes with torch.func.jvp, PyTorch's built-in forward-mode rules (its convolution rule
+         also convolves x with the weights' all-zero tangent: a third convolution per layer)
+    (b)  one pass with PyTorch's built-in rules: autograd also records the tangent's computation,
+         because the weights require grad
     (c)  central finite differences, approximate, for reference
 The "grad err" column is each variant's relative gradient difference from (a) on one batch.
 
@@ -66,11 +67,11 @@ import time
 from unittest import mock
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as nnf
 from torch._C._profiler import _EventType
 from torch.utils.flop_counter import FlopCounterMode
 
+import jvp
 import losses
 import unet
 from flowmap import as_velocity, bcast, guided_velocity, sample_flow_map, sample_ode
@@ -187,34 +188,28 @@ def inference(fn, autocast):
 # ----------------------------------------------------------------------------------------------
 # The tangent variants that are not losses.py's default (module docstring).
 
-def func_jvp(fn, primals, tangents, method="exact"):
-    """(a0): losses.jvp as it was, torch.func.jvp without graph."""
-    with torch.no_grad():
-        return torch.func.jvp(fn, tuple(primals), tuple(tangents))
+def emd_loss_two_passes(jvp_fn):
+    """emd_loss with F^- and dF^-/dt from jvp_fn(fn, primals, tangents) -> (out, tangent), run
+    without graph on the stop-gradient network, and then a separate trainable forward."""
+    def loss(net, velocity, x_t, t, s, r=0.99, c=0.1, **cond):
+        with torch.no_grad():
+            v = velocity(x_t, t, **cond)                                    # (B, ...) teacher, maybe guided
+            F_sg, dF_dt = jvp_fn(lambda x, t_, s_: net(x, t_, s_, **cond),
+                                 (x_t, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
+            T = (v - F_sg) + r * bcast(s - t, x_t) * dF_dt
+            target = F_sg + losses._normalize(T, c)
+        return losses._per_sample_mse(net(x_t, t, s, **cond), target)      # (B,)
+    return loss
 
 
-def emd_loss_func_jvp(*args, **kwargs):
-    """emd_loss with the tangent of variant (a0)."""
-    with mock.patch.object(losses, "jvp", func_jvp):
+emd_loss_a1 = emd_loss_two_passes(jvp.value_and_jvp)
+emd_loss_a2 = emd_loss_two_passes(torch.func.jvp)
+
+
+def emd_loss_b(*args, **kwargs):
+    """(b): emd_loss's single pass with every operation left to PyTorch's forward-mode rules."""
+    with mock.patch.object(jvp, "RULES", {}):
         return emd_loss(*args, **kwargs)
-
-
-def emd_loss_one_pass(net, velocity, x_t, t, s, r=0.99, c=0.1, **cond):
-    """(b): emd_loss from a single forward-mode pass of the trainable network. F keeps its autograd
-    graph and serves as F_theta; F^- = sg(F) and the tangent dF^-/dt are read off detached, so the
-    gradient is emd_loss's. Under DDP this pass would have to run through the wrapper, with dual
-    inputs, for the gradient hooks (method.md §11); not tried, as (b) loses on memory anyway."""
-    with torch.no_grad():
-        v = velocity(x_t, t, **cond)                                        # (B, ...) teacher, maybe guided
-    with fwAD.dual_level(), losses._InputTangentConv():
-        F = net(fwAD.make_dual(x_t, v), fwAD.make_dual(t, torch.ones_like(t)),
-                fwAD.make_dual(s, torch.zeros_like(s)), **cond)
-        F, dF_dt = fwAD.unpack_dual(F)                                      # F with graph, dF/dt
-    with torch.no_grad():
-        F_sg = F.detach()
-        T = (v - F_sg) + r * bcast(s - t, x_t) * dF_dt.detach()
-        target = F_sg + losses._normalize(T, c)
-    return losses._per_sample_mse(F, target)                                 # (B,)
 
 
 def grad_error(net, loss_fn, reference, autocast):
@@ -244,13 +239,12 @@ def step_kinds(nets, data, variants=True):
         "LMD + autoguide": ("student_lam", lambda net: lmd_loss(net, guided, x_t, t, s, C, **lam)),
     }
     if variants:
+        emd = lambda loss: lambda net: loss(net, velocity, x_t, t, s, R_MAX, C, **plain)   # noqa: E731
         losses_of.update({
-            "EMD (a0) torch.func.jvp": ("student", lambda net: emd_loss_func_jvp(net, velocity, x_t, t, s, R_MAX, C,
-                                                                                  **plain)),
-            "EMD (b) one pass": ("student", lambda net: emd_loss_one_pass(net, velocity, x_t, t, s, R_MAX, C,
-                                                                         **plain)),
-            "EMD (c) finite diff.": ("student", lambda net: emd_loss(net, velocity, x_t, t, s, R_MAX, C,
-                                                                     jvp_method="fd", **plain)),
+            "EMD (a1) two passes": ("student", emd(emd_loss_a1)),
+            "EMD (a2) torch.func.jvp": ("student", emd(emd_loss_a2)),
+            "EMD (b) PyTorch one pass": ("student", emd(emd_loss_b)),
+            "EMD (c) finite diff.": ("student", emd(functools.partial(emd_loss, jvp_method="fd"))),
         })
     return losses_of
 

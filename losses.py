@@ -6,76 +6,17 @@
     the consistency-model baseline is emd_loss with s = 0 (continuous-time CM, sCM)
     rpgan_*        relativistic pairing GAN with R1 / R2 penalties, for adversarial finetuning (AYF Sec. 3.3)
 
-plus the pieces the objectives need: the Jacobian-vector product (exact forward-mode, or central
-finite differences for layers without forward-mode AD), the tangent warmup schedule, the (t, s)
-pair sampler, and the learned adaptive weighting. Sign conventions: shared/method.md §1-4.
+plus the pieces the objectives need: the tangent warmup schedule, the (t, s) pair sampler, and the
+learned adaptive weighting. The Jacobian-vector products come from jvp.py, in the same forward pass
+as the trainable F_theta. Sign conventions: shared/method.md §1-4.
 """
 import math
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as nnf
-from torch.nn.parallel import DistributedDataParallel
-from torch.overrides import TorchFunctionMode
 
 from flowmap import bcast
-
-
-# ----------------------------------------------------------------------------------------------
-# Jacobian-vector products.
-
-def jvp(fn, primals, tangents, method="exact", h=1e-3):
-    """Returns (fn(*primals), J fn(primals) . tangents), with no autograd graph.
-
-    method="exact": one forward-mode pass (torch.autograd.forward_ad dual numbers), which yields
-                    both outputs together; convolutions skip the weights' zero tangents
-                    (_InputTangentConv).
-    method="fd":    central differences (fn(p + h u) - fn(p - h u)) / 2h, error O(h^2), for networks
-                    whose layers have no forward-mode rule; costs two extra forwards.
-    """
-    with torch.no_grad():
-        if method == "exact":
-            with fwAD.dual_level(), _InputTangentConv():
-                out = fn(*[fwAD.make_dual(p, u) for p, u in zip(primals, tangents)])
-                out, tangent = fwAD.unpack_dual(out)
-            return out, torch.zeros_like(out) if tangent is None else tangent     # None: out ignores the primals
-        if method == "fd":
-            plus = fn(*[p + h * u for p, u in zip(primals, tangents)])
-            minus = fn(*[p - h * u for p, u in zip(primals, tangents)])
-            return fn(*primals), (plus - minus) / (2 * h)
-        raise ValueError(f"unknown JVP method {method!r}; use 'exact' or 'fd'")
-
-
-def _conv2d_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return input, weight, bias, stride, padding, dilation, groups
-
-
-class _InputTangentConv(TorchFunctionMode):
-    """Forward-mode convolutions whose tangent is conv2d(dx, w) alone when w and b carry none.
-
-    PyTorch's forward-mode rule for a convolution is conv(dx, w) + conv(x, dw), and when w has no
-    tangent it fills dw with zeros and still runs the second convolution: three convolutions per
-    layer instead of two. In our JVPs only the inputs (x, t, s) are dual, never the weights, so
-    every convolution pays it (FlopCounterMode: the U-Net's JVP costs 3.0 forwards' FLOPs, 2.1 with
-    this mode; bench.py times both). Same tensors out, up to float summation order.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is nnf.conv2d:
-            x, weight, bias, *rest = _conv2d_args(*args, **kwargs)
-            x, dx = fwAD.unpack_dual(x)
-            if dx is not None and fwAD.unpack_dual(weight).tangent is None and (
-                    bias is None or fwAD.unpack_dual(bias).tangent is None):
-                return fwAD.make_dual(func(x, weight, bias, *rest), func(dx, weight, None, *rest))
-        return func(*args, **kwargs)
-
-
-def _stop_gradient_net(net):
-    """theta^-: the same weights, used without a graph. Under DDP the tangent is taken on the inner
-    module (forward-mode AD does not go through DDP's hooks); the trainable forward still goes
-    through the wrapper, so gradients are synchronized as usual (method.md §11)."""
-    return net.module if isinstance(net, DistributedDataParallel) else net
+from jvp import value_and_jvp
 
 
 def _normalize(T, c):
@@ -115,7 +56,8 @@ def emd_loss(net, velocity, x_t, t, s, r=0.99, c=0.1, jvp_method="exact", **cond
     The total derivative along the teacher ODE, s held fixed. With f = x_t + (s - t) F:
         df/dt = dx_t/dt - F + (s - t) dF/dt = (v - F) + (s - t) dF/dt,
         dF/dt = (grad_x F) v + d_t F     = JVP of F at (x_t, t, s) with tangent (v, 1, 0).
-    F^- and dF^-/dt come out of one forward-mode pass of the stop-gradient network (no graph).
+    dF^-/dt comes from the forward pass of F_theta itself (jvp.value_and_jvp): theta^- = theta, so
+    F^- = sg(F_theta) and the tangent, taken without graph, is the stop-gradient network's.
 
     Since grad_theta f = (s - t) grad_theta F, the limit gradient is
         -2 E[(t - s)^2 grad_theta F^T df^-/dt]:   descent moves F along +df^-/dt.
@@ -132,14 +74,15 @@ def emd_loss(net, velocity, x_t, t, s, r=0.99, c=0.1, jvp_method="exact", **cond
     Checks (tests/): at s = t, T = v - F, the flow-matching gradient; at the exact flow map, T = 0.
     With s = 0 this is the continuous-time consistency-model objective (sCM) on the linear path.
     """
-    sg_net = _stop_gradient_net(net)
     with torch.no_grad():
         v = velocity(x_t, t, **cond)                                    # (N, ...) teacher, maybe guided
-        F_sg, dF_dt = jvp(lambda x, t_, s_: sg_net(x, t_, s_, **cond),
-                          (x_t, t, s), (v, torch.ones_like(t), torch.zeros_like(s)), jvp_method)
+    F, dF_dt = value_and_jvp(lambda x, t_, s_: net(x, t_, s_, **cond),
+                             (x_t, t, s), (v, torch.ones_like(t), None), jvp_method)   # tangent (v, 1, 0)
+    with torch.no_grad():
+        F_sg = F.detach()                                               # F^-
         T = (v - F_sg) + r * bcast(s - t, x_t) * dF_dt                  # df^-/dt, warmed up
         target = F_sg + _normalize(T, c)
-    return _per_sample_mse(net(x_t, t, s, **cond), target)
+    return _per_sample_mse(F, target)
 
 
 def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", **cond):
@@ -164,16 +107,15 @@ def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", **cond):
     the limit gradient with h normalized like EMD's tangent (our choice; the (t - s)^2 factor is
     left to the weighting). Checks: at s = t, h = F - v (flow matching); at the exact map, h = 0.
     """
-    sg_net = _stop_gradient_net(net)
+    F, dF_ds = value_and_jvp(lambda x, t_, s_: net(x, t_, s_, **cond),
+                             (x_t, t, s), (None, None, torch.ones_like(s)), jvp_method)   # tangent (0, 0, 1)
     with torch.no_grad():
-        F_sg, dF_ds = jvp(lambda x, t_, s_: sg_net(x, t_, s_, **cond),
-                          (x_t, t, s), (torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s)),
-                          jvp_method)
+        F_sg = F.detach()                                               # F^-
         f_sg = x_t + bcast(s - t, x_t) * F_sg                           # f^-(x_t, t, s)
         df_ds = F_sg + bcast(s - t, x_t) * dF_ds
         h = df_ds - velocity(f_sg, s, **cond)                           # ODE residual at the end point
         target = F_sg - _normalize(h, c)
-    return _per_sample_mse(net(x_t, t, s, **cond), target)
+    return _per_sample_mse(F, target)
 
 
 # ----------------------------------------------------------------------------------------------

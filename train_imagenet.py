@@ -227,8 +227,8 @@ def parse_config(argv=None):
             raise ValueError(f"--guidance cfg needs a teacher trained with label dropout; --teacher "
                              f"{cfg['teacher']} was trained with --label-dropout 0")
         if cfg["dropout"]:
-            raise ValueError("a distilled student must have --dropout 0 (the JVP and the trainable forward "
-                             "would draw different masks)")
+            raise ValueError("a distilled student must have --dropout 0 (a finite-difference JVP and the "
+                             "trainable forward would draw different masks)")
         if init_cfg and (init_cfg["preset"], init_cfg["resolution"]) != (teacher_cfg["preset"],
                                                                            teacher_cfg["resolution"]):
             raise ValueError(f"--init {cfg['init']} is preset {init_cfg['preset']!r} at {init_cfg['resolution']}, "

@@ -11,8 +11,9 @@ on the target eps - x0. A student (cond_s=True, cond_lam=True) is F_theta(x_t, t
 flow map f = x_t + (s - t) F (AYF Sec. 3). s and lam enter through zero-initialized branches, so a
 student initialized from a teacher reproduces it bit for bit (init_student_from_teacher).
 
-Forward-mode AD (losses.jvp, dual numbers) goes through the whole network: attention is explicit einsum +
-softmax, no in-place op touches an activation, no BatchNorm, no checkpointing. EDM2's forced weight
+Forward-mode AD (jvp.py: dual numbers, a tangent rule per operation) goes through the whole network:
+attention is explicit einsum + softmax, no in-place op touches an activation, no BatchNorm, no
+checkpointing, and every operation here has a rule in jvp.RULES (tests/test_jvp.py checks). EDM2's forced weight
 normalization rewrites the weights in place, so it is a separate step, normalize_weights_(), that
 the training loop calls after every optimizer step (method.md §11); forward only normalizes a copy.
 """
@@ -193,8 +194,8 @@ class UNet(torch.nn.Module):
     c_skip x_t is the best linear predictor of the target eps - x0 and c_out the std of what it
     misses, so both the input and the target of F_net have unit variance at every t.
 
-    dropout must be 0 for distillation: the trainable forward and the JVP of the stop-gradient net
-    would draw different masks, and the tangent would not belong to the function being trained.
+    dropout must be 0 for distillation: the finite-difference JVP (--jvp fd) would draw other masks
+    than the trainable forward, so its tangent would not belong to the function being trained.
     """
 
     def __init__(self,

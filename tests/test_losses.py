@@ -1,4 +1,4 @@
-"""losses.py against independent computations: JVPs against finite differences, the EMD / LMD
+"""losses.py against independent computations: its JVPs against finite differences, the EMD / LMD
 surrogates against the exact Gaussian flow map and against their own discrete-time objectives,
 and the schedule, weighting and GAN pieces against their closed forms."""
 import math
@@ -8,6 +8,7 @@ import torch
 
 import flowmap
 import losses
+from jvp import value_and_jvp
 from gaussian_oracle import GaussianFlowMap, gaussian_stats, gaussian_velocity
 
 f64 = dict(dtype=torch.float64)
@@ -66,12 +67,12 @@ def test_exact_jvp_matches_central_differences(tangent):
     net = MLP()
     x, t, s = batch(16, seed=0)
     u = TANGENTS[tangent](x, t)
-    out, jvp = losses.jvp(net, (x, t, s), u, method="exact")
+    out, jvp = value_and_jvp(net, (x, t, s), u, method="exact")
     h = 1e-6
     fd = (net(x + h * u[0], t + h * u[1], s + h * u[2]) - net(x - h * u[0], t - h * u[1], s - h * u[2])) / (2 * h)
     torch.testing.assert_close(out, net(x, t, s), rtol=0, atol=1e-14)
     torch.testing.assert_close(jvp, fd.detach(), rtol=0, atol=1e-8)
-    assert not jvp.requires_grad and not out.requires_grad
+    assert out.requires_grad and not jvp.requires_grad                  # F_theta keeps its graph
 
 
 @pytest.mark.parametrize("dtype, h, tol", [(torch.float32, 1e-3, 1e-2), (torch.float64, 1e-5, 1e-8)])
@@ -80,8 +81,8 @@ def test_fd_jvp_matches_exact(tangent, dtype, h, tol):
     net = MLP(dtype=dtype)
     x, t, s = batch(16, seed=1, dtype=dtype)
     u = TANGENTS[tangent](x, t)
-    out_fd, jvp_fd = losses.jvp(net, (x, t, s), u, method="fd", h=h)
-    out_ex, jvp_ex = losses.jvp(net, (x, t, s), u, method="exact")
+    out_fd, jvp_fd = value_and_jvp(net, (x, t, s), u, method="fd", h=h)
+    out_ex, jvp_ex = value_and_jvp(net, (x, t, s), u, method="exact")
     torch.testing.assert_close(out_fd, out_ex)
     torch.testing.assert_close(jvp_fd, jvp_ex, rtol=tol, atol=tol)
 
