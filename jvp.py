@@ -4,7 +4,7 @@ EMD needs dF/dt = J_F (v, 1, 0) and LMD needs dF/ds = J_F (0, 0, 1) at exactly t
 trainable forward F_theta(x_t, t, s) is evaluated, with the same weights (theta^- = theta). So one
 forward pass can give both:
 
-    F, dF = value_and_jvp(lambda x, t, s: net(x, t, s), (x_t, t, s), (v, ones, zeros))
+    F, dF = value_and_jvp(lambda x, t, s: net(x, t, s), (x_t, t, s), (v, ones, None))   # None: zero
 
 F is what net(x_t, t, s) returns, with its autograd graph; dF is J_F u, detached. A flow-matching
 step costs a forward and a backward, about 3 forward-units; this adds only the tangent (about 1
@@ -200,7 +200,7 @@ class TangentRules(TorchFunctionMode):
         out = func(*P, **kwargs)                        # the primal, with graph
         with torch.no_grad():
             tangent = rule(func, out.detach() if isinstance(out, torch.Tensor) else out, P, D, kwargs)
-        if tangent is NotImplemented:
+        if tangent is NotImplemented:                   # a case the rule does not cover: redo it
             return self.fallback(func, args, kwargs)
         if tangent is None:
             return out
@@ -212,7 +212,7 @@ class TangentRules(TorchFunctionMode):
     def fallback(func, args, kwargs):
         """PyTorch's own forward-mode rule; tensor results are counted (x.shape and the like are not)."""
         out = func(*args, **kwargs)
-        if isinstance(out, (torch.Tensor, list, tuple)) and all(isinstance(o, torch.Tensor) for o in
-                                                                 (out if isinstance(out, (list, tuple)) else [out])):
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        if outs and all(isinstance(o, torch.Tensor) for o in outs):
             FALLBACKS[getattr(func, "__name__", str(func))] += 1
         return out
