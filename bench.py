@@ -4,6 +4,7 @@
     python bench.py --preset small --guide-preset tiny --device cpu --reps 5          # guide 1/3 of student
     python bench.py --preset tiny --scan-batch 4,8,16 --scan-preset tiny,small        # + scaling rows
     python bench.py --preset S --guide-preset XS --batch 128 --json bench-S.json      # one GPU, bf16
+    python bench.py --preset S --guide-preset XS --batch 128 --channels-last          # the same, NHWC
 
 Cost model (shared/method.md §3-4). The unit is one forward of the network. A flow-matching step is
 a forward and a backward, about 3 units. A distillation step adds one forward-mode pass for the
@@ -103,6 +104,7 @@ def parse_args(argv=None):
     add("--peak-tflops",  default=989.0,   type=float,   help="GPU peak for MFU (H100 SXM dense bf16)")
     add("--scan-batch",   default="",                    help="also time FM and EMD at these batch sizes")
     add("--scan-preset",  default="",                    help="also time FM and EMD at these presets")
+    add("--channels-last", action="store_true",         help="weights and images in channels-last memory format")
     add("--seed",         default=0,       type=int)
     add("--json",         default=None,                  help="write every row and check here")
     args = p.parse_args(argv)
@@ -124,11 +126,16 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Networks, data, and one training step.
 
-def build_networks(preset, guide_preset, resolution, device):
+def memory_format_of(args):
+    return torch.channels_last if args.channels_last else torch.contiguous_format
+
+
+def build_networks(preset, guide_preset, resolution, device, memory_format=torch.contiguous_format):
     """A frozen teacher and guide (as load_snapshot gives them), a trainable copy of the teacher for
     flow matching, and students without and with a lam input, initialized from the teacher."""
     def build(name, **inputs):
-        return unet.UNet(img_resolution=resolution, num_classes=NUM_CLASSES, **PRESETS[name], **inputs).to(device)
+        net = unet.UNet(img_resolution=resolution, num_classes=NUM_CLASSES, **PRESETS[name], **inputs)
+        return net.to(device, memory_format=memory_format)
 
     teacher = build(preset).eval().requires_grad_(False)
     guide = build(guide_preset).eval().requires_grad_(False)
@@ -139,11 +146,12 @@ def build_networks(preset, guide_preset, resolution, device):
     return dict(teacher=teacher, guide=guide, fm=fm_net, student=student, student_lam=student_lam)
 
 
-def make_batch(batch, resolution, device, seed):
+def make_batch(batch, resolution, device, seed, memory_format=torch.contiguous_format):
     """One batch of every input a step needs; x0 uniform in [-1, 1] stands in for images."""
     gen = torch.Generator(device).manual_seed(seed)
     x0 = 2 * torch.rand(batch, 3, resolution, resolution, generator=gen, device=device) - 1   # (B, 3, R, R)
     eps = torch.randn(x0.shape, generator=gen, device=device)
+    x0, eps = x0.contiguous(memory_format=memory_format), eps.contiguous(memory_format=memory_format)
     t, s = sample_t_s(batch, generator=gen, device=device)                  # (B,), 1 >= t >= s >= 0
     return dict(x0=x0, eps=eps, t=t, s=s, x_t=torch.lerp(x0, eps, bcast(t, x0)),
                 t_fm=torch.sigmoid(-0.8 + 1.6 * torch.randn(batch, generator=gen, device=device)),
@@ -415,10 +423,10 @@ def bench_scan(args, autocast, device):
     """Forward, FM and EMD (a) at every --scan-preset x --scan-batch (either defaults to the main run's)."""
     rows = []
     for preset in args.scan_preset or [args.preset]:
-        nets = build_networks(preset, args.guide_preset, args.resolution, device)
+        nets = build_networks(preset, args.guide_preset, args.resolution, device, memory_format_of(args))
         trained = {key: trainer(nets[key]) for key in ("fm", "student")}
         for B in args.scan_batch or [args.batch]:
-            d = make_batch(B, args.resolution, device, args.seed)
+            d = make_batch(B, args.resolution, device, args.seed, memory_format_of(args))
             kinds = step_kinds(nets, d, variants=False)
             runs = {"forward (student)": inference(lambda: nets["student"](d["x_t"], d["t"], d["s"], label=d["label"]),
                                                    autocast)}
@@ -466,9 +474,9 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     torch.manual_seed(args.seed)
 
-    nets = build_networks(args.preset, args.guide_preset, args.resolution, device)
+    nets = build_networks(args.preset, args.guide_preset, args.resolution, device, memory_format_of(args))
     trained = {key: trainer(nets[key]) for key in ("fm", "student", "student_lam")}
-    data = make_batch(args.batch, args.resolution, device, args.seed)
+    data = make_batch(args.batch, args.resolution, device, args.seed, memory_format_of(args))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"torch {torch.__version__} on {where}; preset {args.preset} "
           f"({unet.num_params(nets['student']) / 1e6:.2f} M), guide {args.guide_preset} "

@@ -88,3 +88,21 @@ def test_cpu_working_memory_sees_a_known_allocation():
     peak = bench.working_memory(fn, torch.device("cpu"))
     assert 12_000_000 <= peak < 12_100_000
 
+
+
+def test_channels_last_gives_the_same_losses_and_gradients():
+    """--channels-last changes the memory layout only: every step kind's loss and gradient agree."""
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        nets = bench.build_networks("tiny", "tiny", 16, torch.device("cpu"), fmt)
+        data = bench.make_batch(2, 16, torch.device("cpu"), 0, fmt)
+        assert nets["student"].conv_out.weight.is_contiguous(memory_format=fmt)
+        grads.append({})
+        for name, (key, loss_fn) in bench.step_kinds(nets, data, variants=False).items():
+            net = nets[key]
+            grad = torch.autograd.grad(loss_fn(net).sum(), [p for p in net.parameters() if p.requires_grad],
+                                       allow_unused=True)
+            grads[-1][name] = torch.cat([torch.zeros(0) if g is None else g.flatten() for g in grad])
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
