@@ -7,9 +7,10 @@
     python bench.py --preset S --guide-preset XS --batch 128 --channels-last          # the same, NHWC
 
 Cost model (shared/method.md §3-4). The unit is one forward of the network. A flow-matching step is
-a forward and a backward, about 3 units. A distillation step adds one forward-mode pass for the
-tangent dF/dt (EMD) or dF/ds (LMD), about 2 units (primal and tangent), and the teacher (1 unit, plus
-the weak guide's): about 6 units. Targets, each a ratio measured side by side in one run:
+a forward and a backward, about 3 units. A distillation step adds the tangent dF/dt (EMD) or dF/ds
+(LMD), about 1 unit when it comes out of the trainable forward itself (jvp.py; 2 units as a separate
+pass that recomputes the primal), and the teacher (1 unit, plus the weak guide's): about 5 units.
+Targets, each a ratio measured side by side in one run:
 
     EMD / LMD step <= 2.0 x the teacher's flow-matching step, same preset and batch
                    <= 2.3 x with autoguidance (a guide of --guide-preset: XS under an S on a GPU,
