@@ -263,6 +263,10 @@ def parse_config(argv=None):
     if stage == "adv":      # go on at the learning rate where the distillation ended, constant; r = r_max
         resolved.update(lr=learning_rate(num_steps(init_cfg) - 1, init_cfg), lr_rampup=0, lr_decay=0, warmup=0)
     cfg.update({k: v for k, v in resolved.items() if cfg[k] is None})
+    if stage != "teacher" and cfg["jvp"] == "fd" and cfg["precision"] == "bf16":
+        raise ValueError("--jvp fd with --precision bf16: the central difference divides bf16 rounding "
+                         "by 2h (relative gradient error 0.9 measured by bench.py); use --precision fp32 "
+                         "or --jvp exact")
     cfg["cond_s"] = stage != "teacher"                                  # the student embeds s ...
     cfg["cond_lam"] = cfg["guidance"] in ("auto", "cfg")                # ... and lam, when guided
     return cfg

@@ -248,6 +248,8 @@ def test_checkpoints_of_another_preset_or_stage_are_clear_errors(runs, tmp_path)
         ti.main(distill(runs, tmp_path / "x", guide=tmp_path / "student"))
     with pytest.raises(ValueError, match="preset 'tiny', but --preset 'S'"):
         ti.main(distill(runs, tmp_path / "x", "--preset", "S"))
+    with pytest.raises(ValueError, match="--jvp fd with --precision bf16"):
+        ti.main(distill(runs, tmp_path / "x", "--jvp", "fd", "--precision", "bf16"))
 
 
 def test_dry_run_resolves_defaults_from_presets_and_teacher(runs, capsys):
