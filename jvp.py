@@ -25,6 +25,7 @@ method="fd" gives central differences, (fn(p + h u) - fn(p - h u)) / 2h with err
 network with layers nobody wrote a rule for; it costs two extra forwards.
 """
 import collections
+import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -214,5 +215,10 @@ class TangentRules(TorchFunctionMode):
         out = func(*args, **kwargs)
         outs = out if isinstance(out, (list, tuple)) else [out]
         if outs and all(isinstance(o, torch.Tensor) for o in outs):
-            FALLBACKS[getattr(func, "__name__", str(func))] += 1
+            name = getattr(func, "__name__", str(func))
+            if not FALLBACKS[name]:
+                warnings.warn(f"jvp.py has no tangent rule for {name!r}: PyTorch's forward-mode rule is used "
+                              f"(exact, but with grad enabled it records the tangent in the graph: slower, "
+                              f"more memory). Add a rule to jvp.RULES.", stacklevel=2)
+            FALLBACKS[name] += 1
         return out

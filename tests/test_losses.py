@@ -11,6 +11,7 @@ import losses
 from jvp import value_and_jvp
 from gaussian_oracle import GaussianFlowMap, gaussian_stats, gaussian_velocity
 
+pytestmark = pytest.mark.filterwarnings("ignore:jvp.py has no tangent rule for 'tanh'")   # MLP below: exact anyway
 f64 = dict(dtype=torch.float64)
 MU, C = torch.tensor([0.7, -1.2, 0.3], **f64), 0.6                             # teacher data N(MU, C^2 I)
 THETA_STAR = torch.cat([MU, torch.tensor([math.log(C)], **f64)])               # (mu, log c) of the exact map
