@@ -205,9 +205,9 @@ class TangentRules(TorchFunctionMode):
             return self.fallback(func, args, kwargs)
         if tangent is None:
             return out
-        if isinstance(out, torch.Tensor):
-            return fwAD.make_dual(out, _as_dtype(tangent, out))
-        return type(out)(fwAD.make_dual(o, _as_dtype(d, o)) for o, d in zip(out, tangent))   # unbind
+        if isinstance(out, torch.Tensor):                # fwAD.make_dual without its Python checks:
+            return torch._make_dual(out, _as_dtype(tangent, out), level=self.level)
+        return type(out)(torch._make_dual(o, _as_dtype(d, o), level=self.level) for o, d in zip(out, tangent))
 
     @staticmethod
     def fallback(func, args, kwargs):
