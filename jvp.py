@@ -111,8 +111,10 @@ def _lerp(func, out, P, D, kw):
 
 def _div(func, out, P, D, kw):
     """a / b: (da - (a / b) db) / b."""
-    if kw or D[1] is None:
-        return NotImplemented if kw else D[0] / P[1]
+    if kw:
+        return NotImplemented                           # rounding_mode: not a plain quotient
+    if D[1] is None:
+        return D[0] / P[1]
     numerator = -out * D[1] if D[0] is None else D[0] - out * D[1]
     return numerator / P[1]
 
@@ -200,7 +202,7 @@ class TangentRules(TorchFunctionMode):
         P, D = [p for p, _ in split], [d for _, d in split]
         out = func(*P, **kwargs)                        # the primal, with graph
         with torch.no_grad():
-            tangent = rule(func, out.detach() if isinstance(out, torch.Tensor) else out, P, D, kwargs)
+            tangent = rule(func, out, P, D, kwargs)
         if tangent is NotImplemented:                   # a case the rule does not cover: redo it
             return self.fallback(func, args, kwargs)
         if tangent is None:
