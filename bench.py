@@ -6,7 +6,7 @@
     python bench.py --preset S --guide-preset XS --batch 128 --json bench-S.json      # one GPU, bf16
     python bench.py --preset S --guide-preset XS --batch 128 --channels-last          # the same, NHWC
 
-Cost model (shared/method.md §3-4). The unit is one forward of the network. A flow-matching step is
+Cost model (docs/method.md §3-4). The unit is one forward of the network. A flow-matching step is
 a forward and a backward, about 3 units. A distillation step adds the tangent dF/dt (EMD) or dF/ds
 (LMD), about 1 unit when it comes out of the trainable forward itself (jvp.py; 2 units as a separate
 pass that recomputes the primal), and the teacher (1 unit, plus the weak guide's): about 5 units.
@@ -84,7 +84,7 @@ from losses import emd_loss, fm_loss, lmd_loss, sample_t_s
 PRESETS = dict(unet.PRESETS, small=dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2,
                                         attn_resolutions=(16,), channels_per_head=32))
 NUM_CLASSES = 1000                  # ImageNet's label width: the label embedding is part of the cost
-R_MAX, C = 0.99, 0.1                # tangent warmup at its end value, tangent normalization (method.md §3)
+R_MAX, C = 0.99, 0.1                # end value of the tangent warmup, tangent normalization (docs/method.md §3)
 LR, EMA_BETA = 1e-4, 0.999          # any values: the time of a step does not depend on them
 SAMPLER_STEPS = (1, 2, 4, 8)        # flow-map sampling
 TEACHER_STEPS = 32                  # the teacher's Heun ODE: 2 x 32 - 1 = 63 network calls

@@ -5,7 +5,7 @@
     mu, sigma = feature_stats(feats)
     fid       = frechet_distance(mu, sigma, *load_reference("imagenet-64x64.npz"))
 
-FID is easy to get wrong (method.md §11). Published ImageNet-64 numbers (EDM, EDM2, AYF) use 50k
+FID is easy to get wrong (docs/method.md §11). Published ImageNet-64 numbers (EDM, EDM2, AYF) use 50k
 samples from the EMA weights, the StyleGAN2-ADA TorchScript Inception below, and reference
 statistics computed with that same detector (EDM's `fid-refs/imagenet-64x64.npz`). Statistics from
 a different Inception port shift the score, so check where a reference file came from; when in

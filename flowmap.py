@@ -1,6 +1,6 @@
 """The flow-map parameterization, guided teacher velocities, and every sampler.
 
-Conventions (shared/method.md §1, AYF Sec. 2):
+Conventions (docs/method.md §1, AYF Sec. 2):
     x_t = (1 - t) x0 + t eps          t = 0 is data, t = 1 is noise
     v(x, t) = E[eps - x0 | x_t = x]   the teacher velocity; dx/dt = v is the probability-flow ODE
     f(x_t, t, s) = x_s                the flow map: jump from time t to time s along that ODE
@@ -18,7 +18,9 @@ def bcast(t, x):
 
 
 def flow_map(net, x, t, s, **cond):
-    """AYF Sec. 3 (Euler / average-velocity parameterization; method.md §1): f(x_t, t, s) = x_t + (s - t) F(x_t, t, s).
+    """The flow map in AYF's Euler (average-velocity) form, Sec. 3 (docs/method.md §1):
+
+        f(x_t, t, s) = x_t + (s - t) F(x_t, t, s).
 
     At s = t the map is the identity whatever F is, and F(x, t, t) plays the role of the velocity.
     """
@@ -33,7 +35,7 @@ def as_velocity(net):
 
 
 def guided_velocity(velocity, weak, x, t, lam=None, **cond):
-    """Guided teacher velocity (Autoguidance, Karras et al. 2024, Eq. 1; method.md §6):
+    """Guided teacher velocity (Autoguidance, Karras et al. 2024, Eq. 1; docs/method.md §6):
 
         v_guided = v_weak + lam (v - v_weak) = lam v + (1 - lam) v_weak
 
@@ -62,7 +64,7 @@ def time_grid(steps, device=None, dtype=torch.float32):
 
 @torch.no_grad()
 def sample_flow_map(net, z, steps, grid=None, **cond):
-    """Deterministic multistep flow-map sampling (method.md §8): x_{i+1} = f(x_i, t_i, t_{i+1}).
+    """Deterministic multistep flow-map sampling (docs/method.md §8): x_{i+1} = f(x_i, t_i, t_{i+1}).
 
     No re-noising, so each step only has to be accurate on its own interval. NFE = steps.
     """
@@ -91,7 +93,7 @@ def sample_consistency(net, z, steps, grid=None, noise=torch.randn_like, **cond)
 
 @torch.no_grad()
 def sample_gamma(net, z, steps, gamma, grid=None, noise=torch.randn_like, **cond):
-    """gamma-sampling (CTM, Kim et al. 2024), linear-path form (method.md §8, derived):
+    """gamma-sampling (CTM, Kim et al. 2024), linear-path form (docs/method.md §8, derived):
 
     To go from t to s, jump deterministically to s' < s with the flow map, then add noise back:
         s' / (1 - s') = sqrt(1 - gamma^2) s / (1 - s)              (signal-to-noise of s' vs s)

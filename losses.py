@@ -8,7 +8,7 @@
 
 plus the pieces the objectives need: the tangent warmup schedule, the (t, s) pair sampler, and the
 learned adaptive weighting. The Jacobian-vector products come from jvp.py, in the same forward pass
-as the trainable F_theta. Sign conventions: shared/method.md §1-4.
+as the trainable F_theta. Sign conventions: docs/method.md §1-4.
 """
 import math
 
@@ -43,7 +43,9 @@ def fm_loss(net, x0, eps, t, **cond):
 
 
 def emd_loss(net, velocity, x_t, t, s, r=0.99, c=0.1, jvp_method="exact", **cond):
-    """AYF-EMD, Eulerian map distillation (AYF Sec. 3.1, Eulerian theorem; method.md §3). Per-sample surrogate.
+    """AYF-EMD, Eulerian map distillation (AYF Sec. 3.1, Eulerian theorem). Per-sample surrogate.
+
+    Derivation: docs/method.md §3.
 
     Discrete form. Match the map at (x_t, t) to the stop-gradient map one teacher Euler step closer
     to s, both landing at s:
@@ -86,7 +88,9 @@ def emd_loss(net, velocity, x_t, t, s, r=0.99, c=0.1, jvp_method="exact", **cond
 
 
 def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", **cond):
-    """AYF-LMD, Lagrangian map distillation (AYF Sec. 3.1, Lagrangian theorem; method.md §4). Per-sample surrogate.
+    """AYF-LMD, Lagrangian map distillation (AYF Sec. 3.1, Lagrangian theorem). Per-sample surrogate.
+
+    Derivation: docs/method.md §4.
 
     Discrete form. Map from t to a point s' slightly beyond s, then take one teacher Euler step
     from s' back to s:
@@ -133,7 +137,7 @@ def tangent_warmup(step, warmup_steps, r_max=0.99):
 
 def sample_t_s(n, dist="uniform", P_mean=-0.8, P_std=1.0, p_diag=0.0, p_zero=0.0,
                generator=None, device=None):
-    """Draw (t, s) pairs with 1 >= t >= s >= 0 for flow-map training (method.md §5, a choice).
+    """Draw (t, s) pairs with 1 >= t >= s >= 0 for flow-map training (docs/method.md §5, a choice).
 
     dist="uniform":     t, s two U[0, 1] draws, sorted (uniform on the triangle t >= s).
     dist="logitnormal": two draws with logit(u) ~ N(P_mean, P_std^2), sorted. On the linear path

@@ -7,7 +7,7 @@
     python sample.py --ckpt runs/ayf-S --steps 1,2,4 --bench --teacher runs/teacher-S --teacher-steps 32
 
 The network is rebuilt from the checkpoint alone: train_imagenet.load_snapshot returns the EMA weights
-and the config they were trained with. The checkpoint's stage picks the sampler (shared/method.md §8):
+and the config they were trained with. The checkpoint's stage picks the sampler (docs/method.md §8):
 
     flow map (distill,   x_{i+1} = f(x_i, t_i, t_{i+1}) on a uniform grid 1 = t_0 > ... > t_N = 0,
     adv)                 NFE = N. --gamma > 0: gamma-sampling, which re-noises after every jump

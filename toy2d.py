@@ -4,7 +4,7 @@
     python toy2d.py --methods emd,cm --retrain --steps 1,2,4
 
 Data: a class-conditional Gaussian mixture (two interleaved spirals of small components), so the
-exact teacher velocity and the exact flow map are known (shared/method.md §2). The script trains an
+exact teacher velocity and the exact flow map are known (docs/method.md §2). The script trains an
 MLP teacher by flow matching (with label dropout, so CFG works), a weak guide (smaller, trained
 shorter), then flow maps by AYF-EMD (autoguided, lam ~ U[1, 3] given to the student), AYF-LMD and
 the consistency-model baseline (EMD with s = 0), and finally a short adversarial finetune of the EMD
@@ -79,7 +79,7 @@ def _component_log_density(x, t, means, stds):
 
 
 def exact_velocity(x, t, label):
-    """Exact v(x, t | label) = E[eps - x0 | x_t = x, label] (method.md §2), float64.
+    """Exact v(x, t | label) = E[eps - x0 | x_t = x, label] (docs/method.md §2), float64.
 
     Each component's velocity is the Gaussian one, -mu_k + gain_k (x - (1 - t) mu_k) with
     gain_k = (t - (1 - t) c_k^2) / sd_k(t)^2; the mixture's is their sum weighted by the posterior
@@ -99,7 +99,7 @@ def exact_velocity(x, t, label):
 
 
 def exact_flow(x, t0, t1, label, steps=100):
-    """The exact flow map Phi(x, t0, t1): RK4 on the exact velocity (method.md §2), float64.
+    """The exact flow map Phi(x, t0, t1): RK4 on the exact velocity (docs/method.md §2), float64.
 
     100 steps are exact to ~4e-5 here (checked against 800 steps), far below the errors measured.
     """
@@ -148,7 +148,7 @@ class MLP(torch.nn.Module):
     """F(x, t, s | label, lam) for 2D points.
 
     t (and s, lam when the network takes them) enter through low-frequency Fourier features (modest
-    bandwidth keeps dF/dt tame, method.md §5). The student's new inputs s and lam enter through
+    bandwidth keeps dF/dt tame, docs/method.md §5). The student's new inputs s and lam enter through
     zero-initialized projections, so a student loaded from a teacher starts as F(x, t, s) = v(x, t).
     label is one-hot (N, NUM_CLASSES); an all-zero row means unconditional (CFG's weak model).
     """

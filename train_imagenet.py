@@ -23,7 +23,7 @@ times every kind of step side by side. The whole pipeline on a CPU, about two an
     python train_imagenet.py --data synthetic --stage adv --init runs/ayf-tiny --teacher runs/teacher-tiny \\
                              --guide runs/guide-tiny --device cpu --out runs/ayf-tiny-adv
 
-Stages (shared/method.md §3-7):
+Stages (docs/method.md §3-7):
     teacher   flow matching, ||F(x_t, t, t) - (eps - x0)||^2 with t logit-normal (EDM's log-normal
               noise level on the linear path) and 10% of the labels dropped, so that CFG works. The
               weak guide of autoguidance is this stage with a smaller preset and/or a shorter --kimg.
@@ -100,8 +100,8 @@ from losses import (AdaptiveWeight, emd_loss, fm_loss, grad_penalty, lmd_loss, r
 
 # Training defaults per model size (the architectures are unet.PRESETS); every value is also a flag.
 # XS-L: EDM2's ImageNet-64 teachers (lr, lr decay, dropout, 2^30- or 2^31-image runs at batch 2048,
-# a 10 Mimg ramp-up), sCM's distillation length (400k iterations, method.md §5) and AYF's adversarial
-# finetune (about 3k iterations, method.md §7); the EMA half-life and the intervals are our choice.
+# a 10 Mimg ramp-up), sCM's distillation length (400k iterations, docs/method.md §5) and AYF's adversarial
+# finetune (about 3k iterations, docs/method.md §7); the EMA half-life and the intervals are our choice.
 # tiny: the teacher stage takes under a minute on a CPU.
 IMAGENET64 = dict(resolution=64, batch=2048, lr_rampup=5000, lr_decay=35000, distill_kimg=819200, adv_kimg=6144,
                   warmup=10000, ema_kimg=10000, precision="bf16", status_kimg=100, snapshot_kimg=5000)
@@ -116,7 +116,7 @@ PRESETS = {
 }
 
 # Defaults that depend on the stage. t of the teacher: EDM2's ImageNet-64 log-normal noise levels.
-# Distillation: lr = teacher lr x 0.01 (sCM); (t, s) parameters for --ts-dist logitnormal (method.md §5).
+# Distillation: lr = teacher lr x 0.01 (sCM); (t, s) parameters for --ts-dist logitnormal (docs/method.md §5).
 # adv: the generator's lr is --init's last one, held constant (parse_config), and r = r_max from step 0.
 STAGES = {
     "teacher": dict(lr_scale=1.0,  P_mean=-0.8, P_std=1.6, label_dropout=0.1),
@@ -174,7 +174,7 @@ def parse_config(argv=None):
     add("--lam-min",       default=1.0,   type=float, help="guidance strength lam ~ U[lam_min, lam_max]")
     add("--lam-max",       default=3.0,   type=float)
     add("--jvp",           default="exact", choices=["exact", "fd"], help="forward-mode or finite differences")
-    # Adversarial finetuning (--stage adv; method.md §7 and the section 'Adversarial finetuning').
+    # Adversarial finetuning (--stage adv; docs/method.md §7 and the section 'Adversarial finetuning').
     add("--adv-weight",    default=0.01,  type=float, help="weight of the RpGAN generator loss")
     add("--adv-gamma",     default=0.1,   type=float, help="R1 / R2 weight gamma of the discriminator")
     add("--adv-lr",        default=2e-4,  type=float, help="learning rate of the discriminator head (Adam)")
@@ -395,7 +395,7 @@ def peak_memory_gib(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Adversarial finetuning (AYF Sec. 3.3; method.md §7). Our choices, which the paper leaves open:
+# Adversarial finetuning (AYF Sec. 3.3; docs/method.md §7). Our choices, which the paper leaves open:
 #   fakes         one per row of the global batch, from its own noise z, at the row's label and lam:
 #                 a 1-step sample f(z, 1, 0) or a 2-step one (1 -> 0.5 -> 0), half and half; each is
 #                 paired with the row's real image, which has the same label (relativistic pairs).
@@ -443,14 +443,14 @@ def discriminator(head, encoder, x, t, eps, label):
 
 
 def few_step_samples(net, z, u, **cond):
-    """Flow-map samples from noise (method.md §8) with the graph kept: f(f(z, 1, u), u, 0), one step
+    """Flow-map samples from noise (docs/method.md §8) with the graph kept: f(f(z, 1, u), u, 0), one step
     where u = 1 (f(z, 1, 1) = z exactly), two where u < 1."""
     one, zero = torch.ones_like(u), torch.zeros_like(u)
     return flow_map(net, flow_map(net, z, one, u, **cond), u, zero, **cond)
 
 
 def rpgan_d_objective(D, real, fake, gamma, **cond):
-    """The discriminator's per-sample objective, RpGAN + gamma/2 (R1 + R2) (R3GAN; method.md §7), and
+    """The discriminator's per-sample objective, RpGAN + gamma/2 (R1 + R2) (R3GAN; docs/method.md §7), and
     its parts for the log: (objective, RpGAN D loss, D(real) - D(fake), R1 + R2), each (N,)."""
     d_real, d_fake = D(real, **cond), D(fake, **cond)
     d_loss = rpgan_d_loss(d_real, d_fake)
@@ -502,7 +502,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
             unet.init_student_from_teacher(net, teacher.state_dict())
         else:                                                       # adv: finetune the distilled EMA
             net.load_state_dict(load_snapshot(cfg["init"], device)[0].state_dict())
-        if cfg["guidance"] == "auto":                               # v_weak + lam (v - v_weak), method.md §6
+        if cfg["guidance"] == "auto":                               # v_weak + lam (v - v_weak), docs/method.md §6
             guide, _ = load_snapshot(cfg["guide"], device)
             velocity = functools.partial(guided_velocity, as_velocity(teacher), as_velocity(guide))
         elif cfg["guidance"] == "cfg":

@@ -15,7 +15,7 @@ Forward-mode AD (jvp.py: dual numbers, a tangent rule per operation) goes throug
 attention is explicit einsum + softmax, no in-place op touches an activation, no BatchNorm, no
 checkpointing, and every operation here has a rule in jvp.RULES (tests/test_jvp.py checks). EDM2's forced weight
 normalization rewrites the weights in place, so it is a separate step, normalize_weights_(), that
-the training loop calls after every optimizer step (method.md §11); forward only normalizes a copy.
+the training loop calls after every optimizer step (docs/method.md §11); forward only normalizes a copy.
 """
 import math
 
@@ -75,7 +75,7 @@ class MPFourier(torch.nn.Module):
     """MP Fourier features (EDM2 Sec. 2.6) of a scalar in [0, 1]: sqrt(2) cos(2 pi (f u + phi)).
 
     Random phases phi ~ U[0, 1) give every feature unit rms. The frequencies f ~ N(0, bandwidth^2)
-    (cycles per unit of u) are kept low on purpose: dF/dt carries a factor 2 pi f (method.md §5).
+    (cycles per unit of u) are kept low on purpose: dF/dt carries a factor 2 pi f (docs/method.md §5).
     EDM2 embeds ln(sigma) / 4 with f ~ N(0, 1); on our path ln(sigma) = logit(t), which matches
     bandwidth = 1 at t = 1/2 and grows without bound towards t = 0 and t = 1; here it stays flat.
     """
@@ -221,7 +221,7 @@ class UNet(torch.nn.Module):
         block = dict(emb_channels=C_emb, channels_per_head=channels_per_head, dropout=dropout)
 
         # Embedding (EDM2 Sec. 2.2, 2.6): Fourier(t) -> linear, MP-summed with linear(label); s and
-        # lam are added with gains that start at 0, so the student starts as the teacher (method.md §5).
+        # lam are added with gains that start at 0, so the student starts as the teacher (docs/method.md §5).
         self.emb_fourier = MPFourier(model_channels, time_bandwidth)
         self.emb_t = MPConv(model_channels, C_emb)
         self.emb_label = MPConv(num_classes, C_emb)

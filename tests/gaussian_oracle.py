@@ -1,4 +1,4 @@
-"""Exact teachers and exact flow maps for tests (shared/method.md §2). Helpers, not tests.
+"""Exact teachers and exact flow maps for tests (docs/method.md §2). Helpers, not tests.
 
 Gaussian data x0 ~ N(mu, c^2 I) on the linear path x_t = (1 - t) x0 + t eps has Gaussian marginals
     x_t ~ N(m_t, sd_t^2 I),   m_t = (1 - t) mu,   sd_t = sqrt((1 - t)^2 c^2 + t^2).

@@ -209,7 +209,7 @@ def _gradient_problem(n=4):
 
 
 def test_ddp_gradients_are_synchronized_and_equal_the_full_batch_gradient(tmp_path):
-    """method.md §11: the JVP runs on net.module, the trainable forward through DDP, so gradients are
+    """docs/method.md §11: the JVP runs on net.module, the trainable forward through DDP, so gradients are
     all-reduced; on 2 ranks with different data they equal the one-process gradient of all the data."""
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
