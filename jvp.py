@@ -140,6 +140,18 @@ def _elementwise(derivative):
     return rule
 
 
+def _clamp(func, out, P, D, kw):
+    """clamp(x, lo, hi) with constant bounds: dx where lo <= x <= hi, 0 where x was clipped."""
+    lo = P[1] if len(P) > 1 else kw.get("min")
+    hi = P[2] if len(P) > 2 else kw.get("max")
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        return NotImplemented
+    inside = torch.ones_like(P[0], dtype=torch.bool)
+    inside = inside if lo is None else inside & (P[0] >= lo)
+    inside = inside if hi is None else inside & (P[0] <= hi)
+    return D[0] * inside
+
+
 def _constant(func, out, P, D, kw):
     """ones_like and friends: the output does not depend on the input's values."""
     return None
@@ -164,6 +176,9 @@ RULES = {
     **dict.fromkeys([T.sqrt, torch.sqrt], _elementwise(lambda x, y: 0.5 / y)),
     **dict.fromkeys([T.rsqrt, torch.rsqrt], _elementwise(lambda x, y: -0.5 * y ** 3)),
     **dict.fromkeys([T.square, torch.square], _elementwise(lambda x, y: 2 * x)),
+    **dict.fromkeys([T.log, torch.log], _elementwise(lambda x, y: 1 / x)),
+    **dict.fromkeys([T.log1p, torch.log1p], _elementwise(lambda x, y: 1 / (1 + x))),
+    **dict.fromkeys([T.clamp, torch.clamp], _clamp),
     **dict.fromkeys([torch.ones_like, torch.zeros_like], _constant),
 }
 

@@ -17,6 +17,7 @@ checkpointing, and every operation here has a rule in jvp.RULES (tests/test_jvp.
 normalization rewrites the weights in place, so it is a separate step, normalize_weights_(), that
 the training loop calls after every optimizer step (docs/method.md §11); forward only normalizes a copy.
 """
+import functools
 import math
 
 import torch
@@ -26,6 +27,7 @@ RES_BALANCE = 0.3      # weight of the residual branch in mp_sum (EDM2 Sec. 2.6)
 ATTN_BALANCE = 0.3     # weight of the attention branch in mp_sum (EDM2 Sec. 2.6)
 LABEL_BALANCE = 0.5    # weight of the class embedding against the time embedding (EDM2 Sec. 2.6)
 CONCAT_BALANCE = 0.5   # weight of the skip connection in mp_cat (EDM2 Sec. 2.6)
+CLIP_ACT = 256         # EDM2 clips every block's output to [-256, 256] (numerics="edm2" only)
 
 PRESETS = {            # EDM2 ImageNet-64 sizes (EDM2 Table 3; XS as the autoguidance paper's guide)
     "tiny": dict(model_channels=16,  channel_mult=(1, 2, 4),    num_blocks=1, attn_resolutions=(16,),
@@ -42,15 +44,19 @@ STUDENT_ONLY = ("emb_s.", "emb_s_gain", "emb_lam.", "emb_lam_gain")   # absent f
 # ----------------------------------------------------------------------------------------------
 # Magnitude-preserving building blocks (EDM2 Sec. 2.3-2.6).
 
-def normalize(x, dim=None, eps=1e-4):
+def normalize(x, dim=None, eps=1e-4, edm2=False):
     """Scale x to unit root-mean-square over `dim` (default: all but dim 0): x / sqrt(mean(x^2) + eps^2).
 
     On a weight (C_out, C_in, k, k) this gives every output channel the norm sqrt(fan_in) (EDM2
     Sec. 2.3); over the channels of an activation it is EDM2's pixel norm (Sec. 2.5). EDM2 adds eps
     outside the root; inside, the map is smooth at 0 (safe for forward-mode AD) and idempotent up
-    to O(eps^2), so forced normalization leaves normalized weights as they are.
+    to O(eps^2), so forced normalization leaves normalized weights as they are. edm2=True is EDM2's
+    form, x / (sqrt(mean(x^2)) + eps): a published EDM2 network needs it (the two differ by about
+    eps = 1e-4 relative on unit-rms weights, ten times the tolerance of its conversion).
     """
     dim = tuple(range(1, x.ndim)) if dim is None else dim
+    if edm2:
+        return x / (x.square().mean(dim, keepdim=True).sqrt() + eps)
     return x * torch.rsqrt(x.square().mean(dim, keepdim=True) + eps ** 2)
 
 
@@ -99,19 +105,20 @@ class MPConv(torch.nn.Module):
     which keeps the effective learning rate from decaying as ||w|| grows.
     """
 
-    def __init__(self, in_channels, out_channels, kernel=()):
+    def __init__(self, in_channels, out_channels, kernel=(), edm2=False):
         super().__init__()
+        self.edm2 = edm2                                        # EDM2's normalize (see normalize)
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x, gain=1.0):
-        w = normalize(self.weight) * (gain / math.sqrt(self.weight[0].numel()))
+        w = normalize(self.weight, edm2=self.edm2) * (gain / math.sqrt(self.weight[0].numel()))
         if w.ndim == 2:
             return x @ w.t()
         return nnf.conv2d(x, w, padding=w.shape[-1] // 2)
 
     @torch.no_grad()
     def normalize_(self):
-        self.weight.copy_(normalize(self.weight))
+        self.weight.copy_(normalize(self.weight, edm2=self.edm2))
 
 
 def no_autocast(x):
@@ -129,6 +136,7 @@ class Block(torch.nn.Module):
     Decoder: [up] -> x + residual, with a 1x1 conv on the skip path if C_in != C_out -> [attention].
     Residual: MP-SiLU, 3x3 conv, modulation by (1 + gain * linear(emb)), MP-SiLU, dropout, 3x3 conv.
     The "+" are mp_sum with weight 0.3 on the new branch; attention is cosine attention (Config C).
+    edm2=True: EDM2's normalize, and the output clipped to [-CLIP_ACT, CLIP_ACT] as EDM2 does.
     """
 
     def __init__(self,
@@ -140,18 +148,20 @@ class Block(torch.nn.Module):
         attention         = False,      # self-attention after the residual
         channels_per_head = 64,         # attention head width (EDM2)
         dropout           = 0.0,        # dropout inside the residual branch
+        edm2              = False,      # EDM2's numerics (UNet's numerics="edm2")
     ):
         super().__init__()
-        self.flavor, self.resample, self.dropout = flavor, resample, dropout
+        self.flavor, self.resample, self.dropout, self.edm2 = flavor, resample, dropout, edm2
         self.num_heads = max(out_channels // channels_per_head, 1) if attention else 0
-        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
-        self.emb_linear = MPConv(emb_channels, out_channels)
+        conv = functools.partial(MPConv, edm2=edm2)
+        self.conv_res0 = conv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
+        self.emb_linear = conv(emb_channels, out_channels)
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))     # modulation starts at 1 (EDM2 Sec. 2.6)
-        self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
-        self.conv_skip = MPConv(in_channels, out_channels, (1, 1)) if in_channels != out_channels else None
+        self.conv_res1 = conv(out_channels, out_channels, (3, 3))
+        self.conv_skip = conv(in_channels, out_channels, (1, 1)) if in_channels != out_channels else None
         if self.num_heads:
-            self.attn_qkv = MPConv(out_channels, out_channels * 3, (1, 1))
-            self.attn_proj = MPConv(out_channels, out_channels, (1, 1))
+            self.attn_qkv = conv(out_channels, out_channels * 3, (1, 1))
+            self.attn_proj = conv(out_channels, out_channels, (1, 1))
 
     def forward(self, x, emb):
         if self.resample == "down":
@@ -161,7 +171,7 @@ class Block(torch.nn.Module):
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
-            x = normalize(x, dim=1)                             # pixel norm (EDM2 Sec. 2.5)
+            x = normalize(x, dim=1, edm2=self.edm2)             # pixel norm (EDM2 Sec. 2.5)
 
         y = self.conv_res0(mp_silu(x))
         with no_autocast(emb):
@@ -177,10 +187,12 @@ class Block(torch.nn.Module):
         if self.num_heads:
             N, C, H, W = x.shape
             qkv = self.attn_qkv(x).reshape(N, self.num_heads, C // self.num_heads, 3, H * W)
-            q, k, v = normalize(qkv, dim=2).unbind(3)           # (N, heads, C_head, HW), cosine attention
+            q, k, v = normalize(qkv, dim=2, edm2=self.edm2).unbind(3)   # (N, heads, C_head, HW), cosine attention
             w = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
             y = torch.einsum("nhqk,nhck->nhcq", w, v).reshape(N, C, H, W)
             x = mp_sum(x, self.attn_proj(y), ATTN_BALANCE)
+        if self.edm2:
+            x = x.clamp(-CLIP_ACT, CLIP_ACT)                    # out of place: x may carry a tangent
         return x
 
 
@@ -193,6 +205,23 @@ class UNet(torch.nn.Module):
         c_skip = (t - (1 - t) sigma_data^2) / d_t^2,   c_out = sigma_data / d_t,
     c_skip x_t is the best linear predictor of the target eps - x0 and c_out the std of what it
     misses, so both the input and the target of F_net have unit variance at every t.
+
+    numerics="edm2" computes what a published EDM2 network computes (edm2.py loads those), and its
+    preconditioning is this one up to the sign of F_net. EDM (Karras et al. 2022, Table 1) has
+    x_sigma = x0 + sigma eps and D = c_skip^E x_sigma + c_out^E F_net(c_in^E x_sigma, ln(sigma) / 4),
+    c_skip^E = sd^2 / (sigma^2 + sd^2), c_out^E = sigma sd / sqrt(sigma^2 + sd^2),
+    c_in^E = 1 / sqrt(sigma^2 + sd^2) (sd = sigma_data). Our path is EDM's scaled by 1 - t:
+    x_sigma = x_t / (1 - t) with sigma = t / (1 - t), so sqrt(sigma^2 + sd^2) = d_t / (1 - t), and
+        c_in^E x_sigma = x_t / d_t = c_in x_t                        (the same network input),
+    and since eps = (x_sigma - x0) / sigma, the velocity of the denoiser is
+        v = E[eps - x0 | x_t] = (x_t - D) / t                        (edm2.velocity_from_denoiser)
+          = [1 / t - sd^2 (1 - t) / (t d_t^2)] x_t - c_out^E / t F_net
+          = (t - (1 - t) sd^2) / d_t^2 x_t - sd / d_t F_net   = c_skip x_t - c_out F_net.
+    Everything agrees except the sign of the F_net term: EDM2's F_net predicts (x0 - c_skip^E
+    x_sigma) / c_out^E, ours the opposite. The other edm2 numerics: the time input ln(sigma) / 4 =
+    logit(t) / 4 (EDM2's c_noise) instead of t, eps outside the root in normalize, and every block's
+    output clipped to [-256, 256]. s and lam keep the plain input: ln(s / (1 - s)) is -inf at s = 0,
+    the flow map's one-jump target, and its derivative, which LMD's dF/ds needs, blows up there.
 
     dropout must be 0 for distillation: the finite-difference JVP (--jvp fd) would draw other masks
     than the trainable forward, so its tangent would not belong to the function being trained.
@@ -213,27 +242,31 @@ class UNet(torch.nn.Module):
         time_bandwidth    = 1.0,            # std of the Fourier frequencies of t, s, lam (MPFourier)
         cond_s            = False,          # embed the target time s (student)
         cond_lam          = False,          # embed the guidance strength lam (student)
+        numerics          = "ayf",          # "ayf" (ours) or "edm2" (EDM2's, for its networks; see above)
     ):
         super().__init__()
+        if numerics not in ("ayf", "edm2"):
+            raise ValueError(f"numerics={numerics!r}: use 'ayf' or 'edm2'")
         self.num_classes, self.sigma_data = num_classes, sigma_data
-        self.cond_s, self.cond_lam = cond_s, cond_lam
+        self.cond_s, self.cond_lam, self.edm2 = cond_s, cond_lam, numerics == "edm2"
         C_emb = model_channels * channel_mult_emb
-        block = dict(emb_channels=C_emb, channels_per_head=channels_per_head, dropout=dropout)
+        block = dict(emb_channels=C_emb, channels_per_head=channels_per_head, dropout=dropout, edm2=self.edm2)
+        conv = functools.partial(MPConv, edm2=self.edm2)
 
         # Embedding (EDM2 Sec. 2.2, 2.6): Fourier(t) -> linear, MP-summed with linear(label); s and
         # lam are added with gains that start at 0, so the student starts as the teacher (docs/method.md §5).
         self.emb_fourier = MPFourier(model_channels, time_bandwidth)
-        self.emb_t = MPConv(model_channels, C_emb)
-        self.emb_label = MPConv(num_classes, C_emb)
+        self.emb_t = conv(model_channels, C_emb)
+        self.emb_label = conv(num_classes, C_emb)
         if cond_s:
-            self.emb_s = MPConv(model_channels, C_emb)
+            self.emb_s = conv(model_channels, C_emb)
             self.emb_s_gain = torch.nn.Parameter(torch.zeros([]))
         if cond_lam:
-            self.emb_lam = MPConv(model_channels, C_emb)
+            self.emb_lam = conv(model_channels, C_emb)
             self.emb_lam_gain = torch.nn.Parameter(torch.zeros([]))
 
         # Encoder: a 3x3 conv, then per level [down block] + num_blocks blocks; every output is a skip.
-        self.conv_in = MPConv(img_channels + 1, model_channels * channel_mult[0], (3, 3))
+        self.conv_in = conv(img_channels + 1, model_channels * channel_mult[0], (3, 3))
         self.enc = torch.nn.ModuleList()
         skips = [model_channels * channel_mult[0]]
         C = skips[0]
@@ -267,7 +300,7 @@ class UNet(torch.nn.Module):
                 self.dec.append(Block(C_in, model_channels * mult, flavor="dec", attention=attn, **block))
                 self.dec_takes_skip.append(True)
                 C = model_channels * mult
-        self.conv_out = MPConv(C, img_channels, (3, 3))
+        self.conv_out = conv(C, img_channels, (3, 3))
         self.out_gain = torch.nn.Parameter(torch.ones([]))      # EDM2 starts at 0; 1 gives Var F ~ 1
         self.normalize_weights_()
 
@@ -283,6 +316,11 @@ class UNet(torch.nn.Module):
         d_t = ((1 - t) ** 2 * self.sigma_data ** 2 + t ** 2).sqrt()
         return 1 / d_t, (t - (1 - t) * self.sigma_data ** 2) / d_t ** 2, self.sigma_data / d_t
 
+    def time_input(self, t):
+        """What the Fourier features of t see: t itself, or EDM2's c_noise = ln(sigma) / 4 with
+        sigma = t / (1 - t) (numerics="edm2"; finite for 0 < t < 1)."""
+        return (torch.log(t) - torch.log1p(-t)) / 4 if self.edm2 else t
+
     def embed(self, t, s, label, lam):
         """The conditioning vector (N, C_emb) from t, s, label, lam, in the parameters' dtype."""
         dtype = self.emb_t.weight.dtype
@@ -290,7 +328,7 @@ class UNet(torch.nn.Module):
             raise ValueError("this network was built with cond_lam=False; apply guidance outside it")
         if label is None:
             label = torch.zeros(len(t), self.num_classes, device=t.device)    # unconditional
-        emb = self.emb_t(self.emb_fourier(t.to(dtype)))
+        emb = self.emb_t(self.emb_fourier(self.time_input(t.to(dtype))))
         emb = mp_sum(emb, self.emb_label(label.to(dtype) * math.sqrt(self.num_classes)), LABEL_BALANCE)
         # Plain sums, not mp_sum: at gain 0 the added term is exactly 0 and emb + 0 is emb bit for
         # bit, whereas mp_sum would rescale emb. The learned gains then set the new terms' magnitude.
@@ -319,6 +357,8 @@ class UNet(torch.nn.Module):
         for block, takes_skip in zip(self.dec, self.dec_takes_skip):
             y = block(mp_cat(y, skips.pop(), CONCAT_BALANCE) if takes_skip else y, emb)
         y = self.conv_out(y, gain=self.out_gain)               # (N, 3, H, W)
+        if self.edm2:
+            return c_skip * x - c_out * y                      # EDM2's sign of F_net (class docstring)
         return c_skip * x + c_out * y
 
     def features(self, x, t, label=None):
