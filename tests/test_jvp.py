@@ -95,9 +95,10 @@ def tiny_student(**kwargs):
     return net, (x, t, 0.5 * t), cond
 
 
+@pytest.mark.parametrize("numerics", ["ayf", "edm2"])
 @pytest.mark.parametrize("along", ["dF/dt (v, 1, 0)", "dF/ds (0, 0, 1)"])
-def test_unet_and_toy_mlp_need_no_fallback_and_match_central_differences(along):
-    net, (x, t, s), cond = tiny_student()
+def test_unet_and_toy_mlp_need_no_fallback_and_match_central_differences(along, numerics):
+    net, (x, t, s), cond = tiny_student(numerics=numerics)
     mlp = toy2d.student_from(toy2d.MLP(hidden=32), hidden=32)
     with torch.no_grad():
         for branch in (mlp.embed_s, mlp.embed_lam):                             # zero at init
