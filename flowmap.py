@@ -57,9 +57,18 @@ def guided_velocity(velocity, weak, x, t, lam=None, **cond):
     return torch.lerp(weak(x, t, **cond), v, lam)                       # v_weak + lam (v - v_weak)
 
 
-def time_grid(steps, device=None, dtype=torch.float32):
-    """1 = t_0 > t_1 > ... > t_N = 0, uniform in t (AYF samples with uniform steps in t)."""
-    return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
+def time_grid(steps, device=None, dtype=torch.float32, t_max=1.0):
+    """t_max = t_0 > t_1 > ... > t_N = 0, uniform in t (AYF samples with uniform steps in t).
+
+    t_max < 1 for a teacher trained on t <= t_max, such as EDM2 (t_max = 80 / 81, sigma_max = 80):
+    sampling then starts from x = t_max z, z ~ N(0, I). That is exact for EDM: it starts from
+    x_sigma = sigma_max z, and x_t = (1 - t) x_sigma. It is not exactly a draw of x_{t_max} =
+    (1 - t_max) x0 + t_max z, since the data term, of std sigma_data / 81 ~ 0.006, is left out.
+    For Gaussian data N(mu, c^2) the exact ODE then ends at std c t_max / sd_{t_max} (relative
+    error (c / sigma_max)^2 / 2 = 2e-5) with the mean shrunk by c (1 - t_max) / sd_{t_max} ~ c / 80
+    (tests/test_edm2.py checks both). The last step ends at s = 0 exactly.
+    """
+    return torch.linspace(t_max, 0.0, steps + 1, device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -117,7 +126,10 @@ def sample_ode(velocity, z, steps, method="heun", grid=None, **cond):
     """Teacher reference samples: integrate dx/dt = v(x, t) from t = 1 to 0.
 
     Euler uses `steps` velocity evaluations; Heun (EDM's 2nd-order sampler) uses 2 * steps - 1,
-    since its last step, which ends at t = 0, is a plain Euler step as in EDM.
+    since its last step, which ends at t = 0, is a plain Euler step as in EDM. The velocity is
+    never evaluated at t = 0, where an EDM denoiser's v = (x - D) / t is undefined; that last
+    step is x - t v(x, t) = D(x / (1 - t), sigma(t)): it returns the denoiser's output (EDM's
+    last step too).
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown ODE method {method!r}; use 'euler' or 'heun'")

@@ -136,7 +136,7 @@ def tangent_warmup(step, warmup_steps, r_max=0.99):
 
 
 def sample_t_s(n, dist="uniform", P_mean=-0.8, P_std=1.0, p_diag=0.0, p_zero=0.0,
-               generator=None, device=None):
+               generator=None, device=None, t_min=0.0, t_max=1.0):
     """Draw (t, s) pairs with 1 >= t >= s >= 0 for flow-map training (docs/method.md §5, a choice).
 
     dist="uniform":     t, s two U[0, 1] draws, sorted (uniform on the triangle t >= s).
@@ -144,7 +144,10 @@ def sample_t_s(n, dist="uniform", P_mean=-0.8, P_std=1.0, p_diag=0.0, p_zero=0.0
                         logit(t) = log(t / (1 - t)) = log sigma, so this is EDM's log-normal
                         noise-level distribution.
     Then a fraction p_diag of pairs gets s = t (flow matching) and a fraction p_zero gets s = 0
-    (consistency-model pairs).
+    (consistency-model pairs). [t_min, t_max]: the teacher's time range (EDM2: [0.002, 80] in sigma);
+    the two draws are mapped affinely onto it, so the teacher is only asked inside it, except s = 0
+    of the p_zero pairs, where only the student's s input sees 0 (EMD; LMD would evaluate the
+    teacher there).
     """
     if dist == "uniform":
         u = torch.rand(2, n, generator=generator, device=device)
@@ -152,6 +155,7 @@ def sample_t_s(n, dist="uniform", P_mean=-0.8, P_std=1.0, p_diag=0.0, p_zero=0.0
         u = torch.sigmoid(P_mean + P_std * torch.randn(2, n, generator=generator, device=device))
     else:
         raise ValueError(f"unknown (t, s) distribution {dist!r}; use 'uniform' or 'logitnormal'")
+    u = t_min + (t_max - t_min) * u
     t, s = u.max(dim=0).values, u.min(dim=0).values
     pick = torch.rand(n, generator=generator, device=device)
     s = torch.where(pick < p_diag, t, s)

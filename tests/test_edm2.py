@@ -13,7 +13,9 @@ import torch.nn.functional as nnf
 
 import edm2
 import unet
-from gaussian_oracle import gaussian_velocity
+from flowmap import sample_flow_map, sample_ode, time_grid
+from gaussian_oracle import GaussianFlowMap, gaussian_velocity
+from losses import sample_t_s
 
 ARCH = dict(model_channels=16, channel_mult=[1, 2, 4], num_blocks=1, attn_resolutions=[16], channels_per_head=32)
 CLASSES, N = 10, 2
@@ -316,3 +318,51 @@ def test_student_from_edm2_teacher_is_the_teacher_and_takes_s_0(tmp_path, edm2_n
     student.emb_s_gain.fill_(1.0)                                # live s branch: still finite at s = 0
     F0 = student(x_t, t, torch.zeros(N), label=label)
     assert torch.isfinite(F0).all() and not torch.equal(F0, v)
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM2's time range, t in [T_MIN, T_MAX] (sigma in [0.002, 80]): where sampling starts and ends.
+
+def test_sampling_from_t_max_and_the_jump_to_0_on_gaussian_data():
+    """x = t_max z is EDM's start sigma_max z; through the exact flow map of N(mu, c^2) data it ends
+    at mu + (c / sd_T)(t_max z - (1 - t_max) mu): std off by (c / sigma_max)^2 / 2, mean shrunk by
+    c (1 - t_max) / sd_T (flowmap.time_grid)."""
+    gen = torch.Generator().manual_seed(6)
+    mu, c, T = torch.tensor([1.0, -0.5, 0.0], dtype=torch.float64), 0.5, edm2.T_MAX
+    exact = GaussianFlowMap(mu, torch.tensor(c, dtype=torch.float64).log())
+    z = torch.randn(1000, 3, generator=gen, dtype=torch.float64)
+    grid = time_grid(4, dtype=torch.float64, t_max=T)
+    assert grid[0] == T and grid[-1] == 0
+    with torch.no_grad():
+        x0 = sample_flow_map(exact, T * z, 4, grid)              # four exact jumps, the last one to s = 0
+    sd_T = math.sqrt((1 - T) ** 2 * c ** 2 + T ** 2)
+    assert torch.allclose(x0, mu + c / sd_T * (T * z - (1 - T) * mu), rtol=1e-10, atol=1e-12)
+    assert 1 - T / sd_T == pytest.approx((c / edm2.SIGMA_MAX) ** 2 / 2, rel=1e-3)   # 2e-5
+    assert c * (1 - T) / sd_T == pytest.approx(c / 80, rel=1e-4)
+
+
+def test_ode_sampler_stays_in_range_and_its_last_step_is_the_denoiser():
+    gen = torch.Generator().manual_seed(7)
+    mu, c = torch.randn(3, generator=gen, dtype=torch.float64), 0.5
+    D = lambda x, sigma: mu + (c ** 2 / (c ** 2 + sigma ** 2))[:, None] * (x - mu)          # noqa: E731
+    asked = []
+
+    def velocity(x, t):
+        asked.append(t)
+        return edm2.velocity_from_denoiser(D, x, t)
+    z = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    sample_ode(velocity, edm2.T_MAX * z, 32, "heun", time_grid(32, dtype=torch.float64, t_max=edm2.T_MAX))
+    assert edm2.T_MIN <= torch.cat(asked).min() and torch.cat(asked).max() <= edm2.T_MAX
+    t = torch.full((8,), 0.03, dtype=torch.float64)              # the last Euler step, t -> 0
+    x_t = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    last = sample_ode(velocity, x_t, 1, "euler", torch.tensor([0.03, 0.0], dtype=torch.float64))
+    assert torch.allclose(last, D(x_t / (1 - t[:, None]), edm2.sigma_of(t)), rtol=1e-12, atol=1e-12)
+
+
+def test_t_s_pairs_stay_in_edm2s_range():
+    t, s = sample_t_s(4096, p_zero=0.1, generator=torch.Generator().manual_seed(8), t_min=edm2.T_MIN, t_max=edm2.T_MAX)
+    zero = s == 0
+    assert 0.07 < zero.float().mean() < 0.13
+    assert (t >= edm2.T_MIN).all() and (t <= edm2.T_MAX).all() and (s <= t).all()
+    assert (s[~zero] >= edm2.T_MIN).all()
+    assert t.max() > 0.97 and s[~zero].min() < 0.01               # the whole range is used
