@@ -1,4 +1,5 @@
-"""ImageNet 64x64 (or a synthetic stand-in) as one uint8 array, preprocessed once and memory-mapped.
+"""ImageNet 64x64, MNIST digits (idx files) or a synthetic stand-in as one uint8 array, preprocessed
+once and memory-mapped.
 
     ds = load_dataset(source, cache_dir=None, resolution=64, max_images=None, seed=0)
     x, onehot = get_batch(ds, indices, device)                  # (B, 3, R, R) in [-1, 1], (B, K)
@@ -10,9 +11,16 @@ Sources:
     npz batches                the downsampled ImageNet of Chrabaszcz et al. 2017: a folder of
                                train_data_batch_*.npz (or one such file), 'data' (N, 3*R*R) uint8 stored
                                as flattened CHW, 'labels' 1..1000
+    MNIST idx files            a folder holding *-images-idx3-ubyte and *-labels-idx1-ubyte (each may be
+                               .gz), or the images file itself (its labels file lies beside it); the
+                               H x W grayscale images (28 x 28 for MNIST) are zero-padded to R x R,
+                               centered (2 px a side at R = 32: exact pixels, no resampling, so a digit
+                               keeps its strokes), and the gray value is copied to all 3 channels, so
+                               that every model, loss and metric sees the same (R, R, 3) images as
+                               for ImageNet; labels as stored (0-based), class names '0', '1', ...
     "synthetic"                512 generated images of 10 classes, in memory, for tests and CPU runs
 
-A folder or npz source is converted once into a cache folder, by default beside the source
+A folder, npz or idx source is converted once into a cache folder, by default beside the source
 (`/data/imagenet/train` -> `/data/imagenet/train-cache-64`; beside rather than inside, so the cache is
 never mistaken for a class folder):
 
@@ -27,7 +35,9 @@ cache would all start writing it, and preprocessing ImageNet takes far longer th
 """
 import argparse
 import functools
+import gzip
 import json
+import math
 import os
 import re
 import warnings
@@ -171,7 +181,11 @@ def _build_cache(source, cache_dir, resolution):
         raise FileNotFoundError(f"dataset source not found: {source}")
     images_tmp = cache_dir / "images.tmp.npy"
     npz_files = _find_npz_batches(source)
-    if npz_files:
+    idx_files = _find_idx_files(source)
+    if idx_files:
+        labels = _convert_idx(*idx_files, images_tmp, resolution)
+        meta = {"class_names": [str(k) for k in range(labels.max() + 1)], "skipped": []}
+    elif npz_files:
         labels = _convert_npz(npz_files, images_tmp, resolution)
         meta = {"class_names": [f"class{k}" for k in range(NPZ_NUM_CLASSES)], "skipped": []}
     else:
@@ -305,6 +319,78 @@ def _convert_npz(files, images_tmp, resolution):
 
 
 # ----------------------------------------------------------------------------------------------
+# MNIST-format idx files (LeCun et al.: a big-endian header, then the raw array).
+
+IDX_DTYPES = {0x08: np.uint8}   # the type codes we read: MNIST stores unsigned bytes
+
+
+def read_idx(path):
+    """The array stored in an idx file, gzipped or not (recognized by content, not by name).
+
+    Header: two zero bytes, a type code (0x08: uint8), the number of dimensions n, then n
+    big-endian int32 sizes; the data follows in C order.
+    """
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:                               # a damaged .gz
+        raise ValueError(f"{path} cannot be decompressed ({error}); download it again") from error
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (header {data[:4].hex()}, "
+                         f"expected 0000 08 and the number of dimensions)")
+    ndim = data[3]
+    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    array = np.frombuffer(data, dtype=IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if array.size != math.prod(shape):
+        raise ValueError(f"{path} holds {array.size} values, its header promises shape {shape}; "
+                         f"is the file truncated?")
+    return array.reshape(shape)
+
+
+def _find_idx_files(source):
+    """(images file, labels file) if `source` is an idx images file or a folder holding one, else None."""
+    pattern = re.compile(r"(.*)-images-idx3-ubyte(\.gz)?$")
+    if source.is_dir():
+        found = sorted(p for p in source.iterdir() if pattern.match(p.name))
+        if not found:
+            return None
+        if len({pattern.match(p.name).group(1) for p in found}) > 1:
+            raise ValueError(f"{source} holds several idx image sets ({', '.join(p.name for p in found)}); "
+                             f"pass the images file you want as --data")
+        images = found[0]
+    elif pattern.match(source.name):
+        images = source
+    else:
+        return None
+    prefix = pattern.match(images.name).group(1)
+    for name in (f"{prefix}-labels-idx1-ubyte.gz", f"{prefix}-labels-idx1-ubyte"):
+        if (images.parent / name).is_file():
+            return images, images.parent / name
+    raise ValueError(f"no labels for {images}: expected {prefix}-labels-idx1-ubyte[.gz] beside it")
+
+
+def _convert_idx(images_path, labels_path, images_tmp, resolution):
+    """Grayscale idx images (N, H, W), zero-padded to (N, R, R) and copied to 3 channels, into
+    images_tmp; returns labels (N,) int64. Padding keeps the pixels exact (no resampling)."""
+    gray, labels = read_idx(images_path), read_idx(labels_path).astype(np.int64)
+    if gray.ndim != 3 or labels.shape != (len(gray),):
+        raise ValueError(f"{images_path} holds shape {gray.shape} and {labels_path} {labels.shape}; "
+                         f"expected (N, H, W) images and (N,) labels")
+    _, H, W = gray.shape
+    pad_h, pad_w = resolution - H, resolution - W
+    if min(pad_h, pad_w) < 0 or pad_h % 2 or pad_w % 2:
+        raise ValueError(f"{images_path}: {H}x{W} images are zero-padded to the resolution, which must "
+                         f"exceed each side by an even number of pixels (e.g. --resolution 32 for 28x28)")
+    padded = np.pad(gray, ((0, 0), (pad_h // 2, pad_h // 2), (pad_w // 2, pad_w // 2)))    # (N, R, R)
+    images = _create_images(images_tmp, len(gray), resolution)
+    images[:] = padded[..., None]                                       # (N, R, R, 3), gray in every channel
+    images.flush()
+    return labels
+
+
+# ----------------------------------------------------------------------------------------------
 # Synthetic data.
 
 PALETTE = np.array([                # one color per class (RGB, 0..255)
@@ -343,8 +429,8 @@ def make_synthetic(resolution=64, seed=0, num_images=512):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Preprocess an ImageNet folder or npz batches into a cache once.")
-    parser.add_argument("source", help="ImageNet train folder, npz batch folder or file")
+    parser = argparse.ArgumentParser(description="Preprocess an ImageNet folder, npz batches or idx files once.")
+    parser.add_argument("source", help="ImageNet train folder, npz batch folder or file, idx folder or images file")
     parser.add_argument("--cache-dir", default=None, help="default: <source>-cache-<resolution> beside the source")
     parser.add_argument("--resolution", type=int, default=64)
     args = parser.parse_args()

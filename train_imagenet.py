@@ -137,7 +137,7 @@ def parse_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     # What to train. None: set from the stage, the preset or the teacher (parse_config below).
-    add("--data",          required=True,          help="ImageNet train folder, npz batches, or 'synthetic'")
+    add("--data",          required=True,          help="ImageNet train folder, npz batches, MNIST idx files or 'synthetic'")
     add("--stage",         default="teacher",      choices=list(STAGES))
     add("--preset",        default=None,           choices=list(PRESETS), help="model size (S; distill: teacher's)")
     add("--out",           default=None,           help="run folder (runs/<stage>-<preset>)")

@@ -2,6 +2,7 @@
 
 Every test writes its own small data under tmp_path; nothing is downloaded.
 """
+import gzip
 import os
 from pathlib import Path
 
@@ -256,3 +257,73 @@ def test_get_batch():
     torch.testing.assert_close(x, expected)
     assert onehot.shape == (16, 10) and onehot.dtype == torch.float32
     assert (onehot.sum(1) == 1).all() and onehot.argmax(1).tolist() == ds.labels[indices].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST-format idx files.
+
+def write_idx(path, array, gz):
+    """An idx file written from the format's definition: 0x0000, type 0x08 (uint8), ndim, big-endian sizes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def make_digits(n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    gray = rng.integers(1, 256, size=(n, 28, 28), dtype=np.uint8)            # no zeros: padding is visible
+    return gray, rng.permutation(np.arange(n) % 10).astype(np.uint8)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder(tmp_path, gz):
+    gray, labels = make_digits()
+    source = tmp_path / "mnist"
+    source.mkdir()
+    suffix = ".gz" if gz else ""
+    write_idx(source / f"t10k-images-idx3-ubyte{suffix}", gray, gz)
+    write_idx(source / f"t10k-labels-idx1-ubyte{suffix}", labels, gz)
+
+    ds = load_dataset(source, resolution=32)
+    assert ds.images.shape == (5, 32, 32, 3) and ds.num_classes == labels.max() + 1
+    assert ds.class_names[:3] == ["0", "1", "2"] and ds.labels.tolist() == labels.tolist()
+    for c in range(3):                                                     # the same gray in every channel
+        np.testing.assert_array_equal(ds.images[:, 2:30, 2:30, c], gray)   # exact pixels, 2 px from each side
+    border = np.ones((32, 32), dtype=bool)
+    border[2:30, 2:30] = False
+    assert (ds.images[:, border] == 0).all()
+    x, onehot = get_batch(ds, [0], "cpu")
+    assert x[0, :, 0, 0].tolist() == [-1.0, -1.0, -1.0]                     # zero padding is black, -1
+    assert (tmp_path / "mnist-cache-32" / "dataset.json").exists()
+
+
+def test_idx_images_file_and_gzip_by_content(tmp_path):
+    gray, labels = make_digits(3, seed=1)
+    write_idx(tmp_path / "train-images-idx3-ubyte", gray, gz=True)         # gzipped without the .gz name
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, gz=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", gray[:1], gz=False)    # another set beside it
+    ds = load_dataset(tmp_path / "train-images-idx3-ubyte", cache_dir=tmp_path / "cache", resolution=28)
+    np.testing.assert_array_equal(ds.images[..., 1], gray)                 # resolution 28: no padding
+    with pytest.raises(ValueError, match="several idx image sets"):
+        load_dataset(tmp_path, cache_dir=tmp_path / "cache2", resolution=32)
+
+
+def test_idx_errors(tmp_path):
+    gray, labels = make_digits(2)
+    write_idx(tmp_path / "a-images-idx3-ubyte", gray, gz=False)
+    with pytest.raises(ValueError, match="a-labels-idx1-ubyte"):
+        load_dataset(tmp_path / "a-images-idx3-ubyte", resolution=32)
+    write_idx(tmp_path / "a-labels-idx1-ubyte", labels, gz=False)
+    with pytest.raises(ValueError, match="--resolution 32"):
+        load_dataset(tmp_path / "a-images-idx3-ubyte", cache_dir=tmp_path / "c1", resolution=31)
+    with pytest.raises(ValueError, match="--resolution 32"):
+        load_dataset(tmp_path / "a-images-idx3-ubyte", cache_dir=tmp_path / "c2", resolution=16)
+    path = tmp_path / "b-images-idx3-ubyte"
+    path.write_bytes((tmp_path / "a-images-idx3-ubyte").read_bytes()[:-10])
+    write_idx(tmp_path / "b-labels-idx1-ubyte", labels, gz=False)
+    with pytest.raises(ValueError, match="truncated"):
+        load_dataset(path, cache_dir=tmp_path / "c3", resolution=32)
+    write_idx(tmp_path / "c-labels-idx1-ubyte", labels, gz=False)
+    (tmp_path / "c-images-idx3-ubyte").write_bytes(b"\x1f\x8b not gzip")
+    with pytest.raises(ValueError, match="cannot be decompressed"):
+        load_dataset(tmp_path / "c-images-idx3-ubyte", cache_dir=tmp_path / "c4", resolution=32)
