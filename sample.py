@@ -41,7 +41,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import functools
 import math
-import socket
 import statistics
 import time
 import warnings
@@ -50,7 +49,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as nnf
 from PIL import Image
 from tqdm import tqdm
@@ -59,6 +57,7 @@ import fid
 import train_imagenet as ti
 from dataset import load_dataset
 from flowmap import as_velocity, guided_velocity, sample_flow_map, sample_gamma, sample_ode
+from launch import launch, setup_process, under_torchrun
 
 
 def parse_args(argv=None):
@@ -388,7 +387,7 @@ def benchmark(rows, config, batch, device, reps, vs_last=False):
 
 def run(args, rank=0, local_rank=0, world_size=1):
     """Sample (and score, or time) in one process; with world_size > 1 one of a process group."""
-    args.device, device = ti.setup_process(args.device, rank, local_rank, world_size)
+    args.device, device = setup_process(args.device, rank, local_rank, world_size)
 
     # Setup networks.
     net, config = ti.load_snapshot(args.ckpt, device)
@@ -448,35 +447,14 @@ def run(args, rank=0, local_rank=0, world_size=1):
 # ----------------------------------------------------------------------------------------------
 # Launch.
 
-def _spawned(local_rank, args, world_size):
-    run(args, rank=local_rank, local_rank=local_rank, world_size=world_size)
-    ti.exit_worker()
-
-
 def main(argv=None):
     args = parse_args(argv)
     resolve_args(args, ti.read_config(args.ckpt))                       # read_config: no snapshot, clear error
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:             # torchrun
-        if args.gpus != 1:
-            raise ValueError("--gpus is for a single-machine launch; under torchrun use --nproc_per_node")
-        world_size = int(os.environ["WORLD_SIZE"])
-        if args.bench and world_size > 1:
-            raise ValueError("--bench times one process; launch it without torchrun")
-        run(args, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), world_size)
-        if world_size > 1:
-            ti.exit_worker()
-    elif args.gpus > 1:
-        if args.bench:
-            raise ValueError("--bench times one process; drop --gpus")
-        if args.device != "cpu" and torch.cuda.device_count() < args.gpus:
-            raise ValueError(f"--gpus {args.gpus}, but {torch.cuda.device_count()} CUDA devices are visible "
-                             f"(--device cpu runs CPU processes)")
-        with socket.socket() as sock:                                   # a free port for the process group
-            sock.bind(("localhost", 0))
-            os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(sock.getsockname()[1]))
-        mp.spawn(_spawned, args=(args, args.gpus), nprocs=args.gpus)
-    else:
-        run(args)
+    if args.bench and args.gpus > 1:
+        raise ValueError("--bench times one process; drop --gpus")
+    if args.bench and under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ValueError("--bench times one process; launch it without torchrun")
+    launch(run, args, args.gpus, args.device)
 
 
 if __name__ == "__main__":

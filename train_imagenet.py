@@ -1,5 +1,5 @@
 """Train the flow-matching teacher, its weak guide, the AYF flow-map student and its adversarial
-finetune on ImageNet 64x64.
+finetune on ImageNet 64x64 (docs/method.md §3-7).
 
     python train_imagenet.py --data /data/imagenet/train --stage teacher --preset S --gpus 8 --out runs/teacher-S
     python train_imagenet.py --data /data/imagenet/train --stage teacher --preset XS --kimg 134218 --gpus 8 \\
@@ -9,12 +9,8 @@ finetune on ImageNet 64x64.
     python train_imagenet.py --data /data/imagenet/train --stage adv --init runs/ayf-S --teacher runs/teacher-S \\
                              --guide runs/guide-XS --gpus 8 --out runs/ayf-S-adv
     torchrun --nnodes 4 --nproc_per_node 8 ... train_imagenet.py ...      # same script, many machines
-    python train_imagenet.py --data synthetic --preset tiny --device cpu   # under a minute, no GPU
 
-Rerunning the same command resumes where it stopped; rerunning a finished run does nothing. Ctrl-C or
-SIGTERM finishes the current step, saves the training state and exits (Ctrl-\\ stops at once).
-`--dry-run` prints the resolved configuration; `--bench` (with bench.py's flags instead of these)
-times every kind of step side by side. The whole pipeline on a CPU, about two and a half minutes:
+The same four on a CPU, about two and a half minutes (the teacher alone: under a minute):
 
     python train_imagenet.py --data synthetic --preset tiny --device cpu --out runs/teacher-tiny
     python train_imagenet.py --data synthetic --preset tiny --device cpu --kimg 0.5 --out runs/guide-tiny
@@ -23,48 +19,38 @@ times every kind of step side by side. The whole pipeline on a CPU, about two an
     python train_imagenet.py --data synthetic --stage adv --init runs/ayf-tiny --teacher runs/teacher-tiny \\
                              --guide runs/guide-tiny --device cpu --out runs/ayf-tiny-adv
 
-Stages (docs/method.md §3-7):
-    teacher   flow matching, ||F(x_t, t, t) - (eps - x0)||^2 with t logit-normal (EDM's log-normal
-              noise level on the linear path) and 10% of the labels dropped, so that CFG works. The
-              weak guide of autoguidance is this stage with a smaller preset and/or a shorter --kimg.
+Rerunning the same command resumes where it stopped; rerunning a finished run does nothing. Ctrl-C or
+SIGTERM finishes the current step, saves the training state and exits (Ctrl-\\ stops at once).
+`--dry-run` prints the resolved configuration; `--bench` (with bench.py's flags instead of these)
+times every kind of step side by side.
+
+Stages:
+    teacher   flow matching with t logit-normal (EDM's log-normal noise level on the linear path) and
+              10% of the labels dropped, so that CFG works. The weak guide of autoguidance is this
+              stage with a smaller preset and/or a shorter --kimg.
     distill   AYF-EMD (--loss emd, the default) or AYF-LMD (--loss lmd) from the teacher's EMA into a
               student of the same preset, initialized from it. --guidance auto: the teacher velocity
               is autoguided by --guide with lam ~ U[1, 3] per sample, and lam is a student input;
               cfg: the weak model is the teacher without label; none: the plain teacher.
     adv       adversarial finetuning (AYF Sec. 3.3) of a distilled student (--init, its EMA weights):
-              generator loss = the distillation loss (r = r_max, no warmup) + --adv-weight x the RpGAN
-              generator loss of 1- and 2-step samples from noise, each paired with the real image of
-              the same label from the batch. Discriminator = the frozen teacher's encoder (its EMA)
-              at a noise level t_D ~ U[0, --adv-t-max] + a small trainable head (DiscriminatorHead),
-              trained with RpGAN + gamma/2 (R1 + R2). Choices: the section 'Adversarial finetuning'.
+              the distillation loss (r = r_max, no warmup) + --adv-weight x RpGAN on 1- and 2-step
+              samples, against a discriminator on the frozen teacher's encoder (adversarial.py).
 The EMD / LMD loss values in the log are surrogates (about 1 / (3 R^2)): only their gradients mean
-something; follow the gradient norm and the samples instead.
+something; follow the gradient norm and the samples instead. --precision bf16 autocasts every
+forward, the JVP included; F, dF/dt, v and the EMD / LMD targets stay float32 (the U-Net computes
+its time embeddings and preconditioning in float32).
 
-Precision: --precision bf16 autocasts every forward, the JVP included. The U-Net computes its time
-embeddings and preconditioning in float32, so F, dF/dt and v come out in float32 and the EMD / LMD
-targets are formed in float32.
+Processes (launch.py): one by default; --gpus N spawns N; torchrun works too (build the dataset cache
+first: `python dataset.py SRC`). --batch is the global batch; each process runs at most --batch-gpu
+samples at a time and accumulates. 1 process, 8 processes or 8 accumulation rounds take the same
+step, up to float summation order: see draw() and the loss scaling in train().
 
-Launch: a single process by default (no process group; CUDA if there is one); `--gpus N` spawns N
-processes (NCCL, or gloo with --device cpu); under torchrun the processes are found from RANK,
-WORLD_SIZE and LOCAL_RANK (build the dataset cache first there: `python dataset.py SRC`). --batch is
-the global batch; each process runs at most --batch-gpu samples at a time and accumulates.
-
-World-size independence: every random draw of step k (data indices, eps, t, s, lam, label dropout;
-adv: the fakes' noise and jumps, D's noise levels and noise) is made for the whole global batch from
-a generator seeded by (seed, k), the same on every rank, and each process keeps its own rows. Each
-micro-batch's loss is summed and scaled by world_size / batch, so after DDP's mean over ranks (or the
-manual all-reduce of the small heads) the gradient is the mean over the global batch: 1 process, 8
-processes or 8 accumulation rounds take the same step, up to float summation order.
-
-Outputs in --out:
-    config.json          the resolved configuration
-    log.jsonl            one JSON line per status interval (the status line printed by rank 0)
-    snapshot.pt          {"config", "ema", "step"}: the EMA weights and all that load_snapshot() needs
-    training-state.pt    {"config", "step", "skipped", "net", "ema", "optimizer", "weight", "disc",
-                         "disc_optimizer"}: resume (weight: --weighting adaptive; disc*: --stage adv)
-Both are plain state_dicts, written atomically by rank 0 every --snapshot-kimg and at the end. No
-RNG state is saved: every draw is a function of (seed, step), and dropout (M and L teachers only)
-of (seed, step, rank).
+Outputs in --out: config.json (the resolved configuration), log.jsonl (a JSON line per status line),
+snapshot.pt {"config", "ema", "step"} (what load_snapshot() needs) and training-state.pt {"config",
+"step", "skipped", "net", "ema", "optimizer", "weight", "disc", "disc_optimizer"} (resume; weight:
+--weighting adaptive; disc*: --stage adv), plain state_dicts that rank 0 writes atomically every
+--snapshot-kimg and at the end. No RNG state is saved: every draw is a function of (seed, step), and
+dropout (M and L teachers only) of (seed, step, rank).
 """
 import os
 
@@ -74,14 +60,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import contextlib
 import copy
 import functools
 import json
 import math
 import resource
-import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -89,14 +72,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import unet
+from adversarial import build_discriminator, rpgan_d_objective, rpgan_g_objective
 from dataset import batch_indices, get_batch, load_dataset
-from flowmap import as_velocity, bcast, flow_map, guided_velocity
-from losses import (AdaptiveWeight, emd_loss, fm_loss, grad_penalty, lmd_loss, rpgan_d_loss, rpgan_g_loss,
-                    sample_t_s, tangent_warmup)
+from flowmap import as_velocity, guided_velocity
+from launch import (exit_worker, launch, mean_over_ranks, no_sync, rank0_first, setup_process, split_batch,
+                    stop_requests)                  # exit_worker: for the tests' process-group workers
+from losses import AdaptiveWeight, emd_loss, fm_loss, lmd_loss, sample_t_s, tangent_warmup
 
 # Training defaults per model size (the architectures are unet.PRESETS); every value is also a flag.
 # XS-L: EDM2's ImageNet-64 teachers (lr, lr decay, dropout, 2^30- or 2^31-image runs at batch 2048,
@@ -128,7 +112,6 @@ STAGES = {
 SAME_RUN = ("stage", "preset", "resolution", "batch", "loss", "guidance", "weighting")
 
 ADAM_BETAS = (0.9, 0.99)        # EDM2 and sCM
-ADV_BETAS = (0.0, 0.99)         # the discriminator head's Adam (R3GAN)
 
 
 def parse_config(argv=None):
@@ -174,7 +157,7 @@ def parse_config(argv=None):
     add("--lam-min",       default=1.0,   type=float, help="guidance strength lam ~ U[lam_min, lam_max]")
     add("--lam-max",       default=3.0,   type=float)
     add("--jvp",           default="exact", choices=["exact", "fd"], help="forward-mode or finite differences")
-    # Adversarial finetuning (--stage adv; docs/method.md §7 and the section 'Adversarial finetuning').
+    # Adversarial finetuning (--stage adv; docs/method.md §7 and adversarial.py).
     add("--adv-weight",    default=0.01,  type=float, help="weight of the RpGAN generator loss")
     add("--adv-gamma",     default=0.1,   type=float, help="R1 / R2 weight gamma of the discriminator")
     add("--adv-lr",        default=2e-4,  type=float, help="learning rate of the discriminator head (Adam)")
@@ -361,32 +344,6 @@ def unconditional(velocity):
     return lambda x, t, label=None: velocity(x, t)
 
 
-def no_sync(net, accumulating):
-    """DDP's no_sync while accumulating: only the last micro-batch's backward all-reduces."""
-    if accumulating and isinstance(net, DistributedDataParallel):
-        return net.no_sync()
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def stop_requests(rank):
-    """Ctrl-C and SIGTERM append to the yielded list instead of stopping the process, so that the
-    loop can finish its step and save; the loop all-reduces the request, so all ranks stop together."""
-    received = []
-
-    def request_stop(signum, frame):
-        if not received and rank == 0:
-            print(f"{signal.Signals(signum).name}: saving the training state after this step")
-        received.append(signum)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def peak_memory_gib(device):
     """Peak CUDA memory allocated, or on a CPU the process's peak resident memory (Linux: KiB)."""
     if device.type == "cuda":
@@ -395,67 +352,59 @@ def peak_memory_gib(device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Adversarial finetuning (AYF Sec. 3.3; docs/method.md §7). Our choices, which the paper leaves open:
-#   fakes         one per row of the global batch, from its own noise z, at the row's label and lam:
-#                 a 1-step sample f(z, 1, 0) or a 2-step one (1 -> 0.5 -> 0), half and half; each is
-#                 paired with the row's real image, which has the same label (relativistic pairs).
-#   D             the frozen teacher (EMA) encoder, UNet.features, at a noise level t_D ~ U[0, adv_t_max]
-#                 shared by the real and the fake of a pair (same t_D, same noise), then DiscriminatorHead.
-#   R1 / R2       taken w.r.t. the clean image x, through the noising and the frozen encoder: D is a
-#                 function of the image and the noise is part of D (grad_x = (1 - t_D) grad_{x_tD}).
-#   order         one generator step and one D step per iteration, simultaneous: both use the same
-#                 fakes (made before either update) and the current D, so the D step needs no
-#                 generator forward of its own (as toy2d.py). A skipped step skips both.
-#   optimizers    the generator's Adam at --init's last learning rate, constant; the head's Adam with
-#                 betas (0, 0.99) (R3GAN) at --adv-lr. No EMA of the head.
-#   weights       --adv-weight 0.01: at weight 1 the adversarial gradient on the generator measured 30-200x
-#                 the EMD one (tiny preset, 16-64 px; EMD's loss is a per-pixel mean of a normalized
-#                 tangent), so 0.01 puts them within a small factor. --adv-gamma 0.1 as toy2d.py;
-#                 --adv-t-max 0.8: at t_D = 0.8 the signal is already 1/8 of the noise (data std 0.5).
-#                 None of the three is tuned on images.
+# A step's pieces: its random draws, and the objectives, per sample (b,), of one micro-batch whose
+# rows of the draws are d. teacher: losses.fm_loss; distill: distill_objective; adv: distill_objective
+# + adversarial.rpgan_g_objective for the generator, adversarial.rpgan_d_objective for D.
 
-class DiscriminatorHead(torch.nn.Module):
-    """The small trainable adversarial head on the frozen teacher's lowest-resolution encoder features:
-    1x1 conv -> pixel norm -> MP-SiLU -> global average pool -> linear score, plus a projection of the
-    pooled features on an embedding of the label (projection discriminator, Miyato & Koyama 2018),
-    which makes the score class-conditional."""
-
-    def __init__(self,
-        in_channels,                    # channels of UNet.features (4 model_channels for the 64x64 presets)
-        num_classes,                    # length of the one-hot label
-        channels = 256,                 # width of the head
-    ):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(in_channels, channels, 1)
-        self.score = torch.nn.Linear(channels, 1, bias=False)       # RpGAN sees only D(real) - D(fake)
-        self.embed = torch.nn.Linear(num_classes, channels, bias=False)
-
-    def forward(self, h, label):
-        h = unet.mp_silu(unet.normalize(self.conv(h), dim=1)).mean(dim=(2, 3))   # (N, channels)
-        return self.score(h).squeeze(1) + (self.embed(label) * h).sum(dim=1)    # (N,)
+def draw(cfg, step, B, device):
+    """Every random draw of a step, for the whole global batch, from a generator seeded by (seed, step):
+    the same on every rank, which keeps its own rows, whatever the world size. Data indices: dataset.py;
+    residual dropout masks (M and L teachers): seeded by (seed, step, rank). Each (B,) or (B, 3, R, R)."""
+    gen, R, stage = torch.Generator(device).manual_seed(seed_of(cfg["seed"], step)), cfg["resolution"], cfg["stage"]
+    randn = functools.partial(torch.randn, generator=gen, device=device)
+    rand = functools.partial(torch.rand, generator=gen, device=device)
+    d = dict(eps=randn(B, 3, R, R))
+    if stage == "teacher":                                          # logit(t) = ln sigma ~ N(P_mean, P_std^2)
+        d["t"] = d["s"] = torch.sigmoid(cfg["P_mean"] + cfg["P_std"] * randn(B))
+    else:                                                           # 1 >= t >= s >= 0
+        d["t"], d["s"] = sample_t_s(B, cfg["ts_dist"], cfg["P_mean"], cfg["P_std"], cfg["p_diag"], cfg["p_zero"],
+                                    generator=gen, device=device)
+    d["lam"] = cfg["lam_min"] + (cfg["lam_max"] - cfg["lam_min"]) * rand(B)
+    d["keep"] = rand(B) >= cfg["label_dropout"]                     # label dropout
+    if stage == "adv":                                              # fakes' noise and jumps, D's noise level
+        d["z"] = randn(B, 3, R, R)
+        d["u"] = torch.where(rand(B) < 0.5, 1.0, 0.5)               # 1: one step, 0.5: two
+        d["t_D"] = cfg["adv_t_max"] * rand(B)
+        d["eps_D"] = randn(B, 3, R, R)
+    return d
 
 
-def discriminator(head, encoder, x, t, eps, label):
-    """D(x): the image noised to t_D, x_tD = (1 - t_D) x + t_D eps, through the frozen encoder (its
-    parameters take no gradient; x does) and the trainable head. Scores (N,)."""
-    x_t = torch.lerp(x, eps, bcast(t, x))                                   # (N, 3, R, R)
-    return head(encoder.features(x_t, t, label=label), label)
+def teacher_velocity(teacher, guide, guidance):
+    """The velocity the student distills (docs/method.md §6): autoguided by the weak guide, CFG's (the
+    weak model is the teacher without label), or the plain teacher's (guidance none)."""
+    if guidance == "auto":
+        return functools.partial(guided_velocity, as_velocity(teacher), as_velocity(guide))
+    if guidance == "cfg":
+        return functools.partial(guided_velocity, as_velocity(teacher), unconditional(as_velocity(teacher)))
+    return as_velocity(teacher)
 
 
-def few_step_samples(net, z, u, **cond):
-    """Flow-map samples from noise (docs/method.md §8) with the graph kept: f(f(z, 1, u), u, 0), one step
-    where u = 1 (f(z, 1, 1) = z exactly), two where u < 1."""
-    one, zero = torch.ones_like(u), torch.zeros_like(u)
-    return flow_map(net, flow_map(net, z, one, u, **cond), u, zero, **cond)
+def distill_objective(net, velocity, x0, d, r, cfg, **cond):
+    """AYF-EMD (docs/method.md §3) with tangent warmup r, or AYF-LMD (§4), of the student F at
+    x_t = (1 - t) x0 + t eps against the teacher velocity v (guided: v_weak + lam (v - v_weak), §6)."""
+    x_t = torch.lerp(x0, d["eps"], d["t"][:, None, None, None])            # (b, 3, R, R)
+    if cfg["loss"] == "emd":
+        return emd_loss(net, velocity, x_t, d["t"], d["s"], r=r, c=cfg["c"], jvp_method=cfg["jvp"], **cond)
+    return lmd_loss(net, velocity, x_t, d["t"], d["s"], c=cfg["c"], jvp_method=cfg["jvp"], **cond)
 
 
-def rpgan_d_objective(D, real, fake, gamma, **cond):
-    """The discriminator's per-sample objective, RpGAN + gamma/2 (R1 + R2) (R3GAN; docs/method.md §7), and
-    its parts for the log: (objective, RpGAN D loss, D(real) - D(fake), R1 + R2), each (N,)."""
-    d_real, d_fake = D(real, **cond), D(fake, **cond)
-    d_loss = rpgan_d_loss(d_real, d_fake)
-    penalty = grad_penalty(D, real, **cond) + grad_penalty(D, fake, **cond)    # ||grad_x D||^2, R1 + R2
-    return d_loss + gamma / 2 * penalty, d_loss.detach(), (d_real - d_fake).detach(), penalty.detach()
+def status_line(stats, stage, loss):
+    """The status line rank 0 prints (log.jsonl gets the same figures)."""
+    return (f"kimg {stats['kimg']:<8.2f} step {stats['step']:<7d} loss {stats['loss']:<8.3g} lr {stats['lr']:<8.2e} "
+            + (f"r {stats['r']:<5.3f} " if loss == "emd" else "")
+            + (f"D {stats['d_loss']:<6.3f} G_adv {stats['g_adv']:<6.3f} "
+               f"D(real)-D(fake) {stats['d_real_minus_fake']:<+7.3f} " if stage == "adv" else "")
+            + f"sec/kimg {stats['sec_per_kimg']:<7.2f} mem {stats['mem_gib']:.2f} GiB skipped {stats['skipped']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,25 +419,14 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
         torch.backends.cudnn.benchmark = True
 
     # Batch split: global batch B = world_size x rounds x batch_gpu.
-    if B % world_size:
-        raise ValueError(f"--batch {B} is not divisible by the {world_size} processes")
-    per_rank = B // world_size
-    batch_gpu = min(cfg["batch_gpu"] or per_rank, per_rank)
-    if per_rank % batch_gpu:
-        raise ValueError(f"--batch-gpu {batch_gpu} does not divide the {per_rank} samples per process")
-    rounds = per_rank // batch_gpu
-    micro_batches = [slice(rank * per_rank + a * batch_gpu, rank * per_rank + (a + 1) * batch_gpu)
-                     for a in range(rounds)]                        # this rank's rows of the global batch
+    micro_batches = split_batch(B, cfg["batch_gpu"], rank, world_size)      # this rank's rows, a slice per round
+    rounds, batch_gpu = len(micro_batches), micro_batches[0].stop - micro_batches[0].start
 
     # Setup data.
-    if rank != 0:
-        dist.barrier()                                              # rank 0 builds a missing cache first
-    ds = load_dataset(cfg["data"], cache_dir=cfg["cache_dir"], resolution=cfg["resolution"],
-                      max_images=cfg["max_images"])
-    if rank == 0 and world_size > 1:
-        dist.barrier()
+    with rank0_first(rank, world_size):                             # rank 0 builds a missing cache
+        ds = load_dataset(cfg["data"], cache_dir=cfg["cache_dir"], resolution=cfg["resolution"],
+                          max_images=cfg["max_images"])
     cfg["num_classes"] = ds.num_classes
-    R = cfg["resolution"]
 
     # Setup networks.
     torch.manual_seed(cfg["seed"])
@@ -502,23 +440,15 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
             unet.init_student_from_teacher(net, teacher.state_dict())
         else:                                                       # adv: finetune the distilled EMA
             net.load_state_dict(load_snapshot(cfg["init"], device)[0].state_dict())
-        if cfg["guidance"] == "auto":                               # v_weak + lam (v - v_weak), docs/method.md §6
-            guide, _ = load_snapshot(cfg["guide"], device)
-            velocity = functools.partial(guided_velocity, as_velocity(teacher), as_velocity(guide))
-        elif cfg["guidance"] == "cfg":
-            velocity = functools.partial(guided_velocity, as_velocity(teacher), unconditional(as_velocity(teacher)))
-        else:
-            velocity = as_velocity(teacher)
+        guide = load_snapshot(cfg["guide"], device)[0] if cfg["guidance"] == "auto" else None
+        velocity = teacher_velocity(teacher, guide, cfg["guidance"])
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     weight = AdaptiveWeight().to(device) if cfg["weighting"] == "adaptive" else None
     params = list(net.parameters()) + (list(weight.parameters()) if weight else [])
     optimizer = torch.optim.Adam(params, lr=cfg["lr"], betas=ADAM_BETAS)
     head = optimizer_D = None
     if stage == "adv":                                              # the same initial head on every rank
-        arch = unet.PRESETS[cfg["preset"]]
-        head = DiscriminatorHead(arch["model_channels"] * arch["channel_mult"][-1], ds.num_classes).to(device)
-        D = functools.partial(discriminator, head, teacher)         # the teacher is the frozen encoder
-        optimizer_D = torch.optim.Adam(head.parameters(), lr=cfg["adv_lr"], betas=ADV_BETAS)
+        D, head, optimizer_D = build_discriminator(teacher, cfg["preset"], ds.num_classes, cfg["adv_lr"], device)
 
     # Resume.
     step = skipped = 0
@@ -550,30 +480,15 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
 
     # Main training loop.
-    loss_sum = torch.zeros([], device=device)                       # per-sample losses of the finite steps
+    sums = torch.zeros(5, device=device)            # over the finite steps: loss, adv: G adv, D loss, D gap, R1 + R2
     grad_norm_sum = torch.zeros([], device=device)
-    adv_sum = torch.zeros(4, device=device)                         # adv: G adv loss, D loss, D gap, R1 + R2
     finite_steps = steps_since = 0
     tick, stop = time.time(), False
     with stop_requests(rank) as stop_requested:
         while step < total_steps and not stop:
             # Randomness of the whole global batch from (seed, step), identical on every rank.
             idx = batch_indices(step, B, len(ds), cfg["seed"])      # (B,) dataset indices
-            gen = torch.Generator(device).manual_seed(seed_of(cfg["seed"], step))
-            eps = torch.randn(B, 3, R, R, generator=gen, device=device)              # (B, 3, R, R)
-            if stage == "teacher":                                  # logit(t) = ln sigma ~ N(P_mean, P_std^2)
-                t = torch.sigmoid(cfg["P_mean"] + cfg["P_std"] * torch.randn(B, generator=gen, device=device))
-                s = t
-            else:
-                t, s = sample_t_s(B, cfg["ts_dist"], cfg["P_mean"], cfg["P_std"], cfg["p_diag"], cfg["p_zero"],
-                                  generator=gen, device=device)     # (B,), (B,), 1 >= t >= s >= 0
-            lam = cfg["lam_min"] + (cfg["lam_max"] - cfg["lam_min"]) * torch.rand(B, generator=gen, device=device)
-            keep = torch.rand(B, generator=gen, device=device) >= cfg["label_dropout"]   # (B,) label dropout
-            if stage == "adv":                                      # fakes' noise and jumps, D's noise level
-                z = torch.randn(B, 3, R, R, generator=gen, device=device)                # (B, 3, R, R)
-                u = torch.where(torch.rand(B, generator=gen, device=device) < 0.5, 1.0, 0.5)   # 1: one step
-                t_D = cfg["adv_t_max"] * torch.rand(B, generator=gen, device=device)
-                eps_D = torch.randn(B, 3, R, R, generator=gen, device=device)            # (B, 3, R, R)
+            draws = draw(cfg, step, B, device)                      # eps, t, s, lam, keep (adv: z, u, t_D, eps_D)
             if cfg["dropout"]:
                 torch.manual_seed(seed_of(cfg["seed"], step, rank))  # residual dropout masks
             r = tangent_warmup(step, cfg["warmup"], cfg["r_max"])
@@ -581,60 +496,47 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
 
             # Forward and backward, one micro-batch at a time; DDP all-reduces in the last backward.
             optimizer.zero_grad(set_to_none=True)
-            step_loss, step_adv = torch.zeros([], device=device), torch.zeros(4, device=device)
-            pairs = []                                              # adv: (real, fake, label) per micro-batch
+            step_sums = torch.zeros(5, device=device)               # per-sample sums, as sums
+            pairs = []                                              # adv: (real, fake, D's inputs)
             for a, rows in enumerate(micro_batches):
+                d = {k: v[rows] for k, v in draws.items()}          # this micro-batch's rows of each draw
                 x0, label = get_batch(ds, idx[rows], device)        # (b, 3, R, R) in [-1, 1], (b, K)
-                label = label * keep[rows, None]
+                label = label * d["keep"][:, None]
+                cond = dict(label=label, lam=d["lam"]) if cfg["cond_lam"] else dict(label=label)
                 with no_sync(ddp, accumulating=a < rounds - 1):
                     with autocast:
-                        if stage == "teacher":
-                            loss = fm_loss(ddp, x0, eps[rows], t[rows], label=label)         # (b,)
+                        if stage == "teacher":                      # flow matching, ||F(x_t, t, t) - (eps - x0)||^2
+                            loss = fm_loss(ddp, x0, d["eps"], d["t"], label=label)           # (b,)
                         else:
-                            x_t = torch.lerp(x0, eps[rows], t[rows, None, None, None])       # (1 - t) x0 + t eps
-                            cond = dict(label=label, lam=lam[rows]) if cfg["cond_lam"] else dict(label=label)
-                            if cfg["loss"] == "emd":
-                                loss = emd_loss(ddp, velocity, x_t, t[rows], s[rows], r=r, c=cfg["c"],
-                                                jvp_method=cfg["jvp"], **cond)              # (b,)
-                            else:
-                                loss = lmd_loss(ddp, velocity, x_t, t[rows], s[rows], c=cfg["c"],
-                                                jvp_method=cfg["jvp"], **cond)              # (b,)
-                        weighted = weight(loss, t[rows], s[rows]) if weight else loss       # exp(-u) L + u
+                            loss = distill_objective(ddp, velocity, x0, d, r, cfg, **cond)   # (b,)
+                        objective = weight(loss, d["t"], d["s"]) if weight else loss       # exp(-u) L + u
                         if stage == "adv":                          # + w RpGAN, through the student's jumps
-                            fake = few_step_samples(ddp, z[rows], u[rows], **cond)           # (b, 3, R, R)
-                            d_cond = dict(t=t_D[rows], eps=eps_D[rows], label=label)
-                            g_adv = rpgan_g_loss(D(x0, **d_cond), D(fake, **d_cond))        # (b,)
-                            weighted = weighted + cfg["adv_weight"] * g_adv
-                            step_adv[0] += g_adv.detach().sum()
-                            pairs.append((x0, fake.detach(), label))
+                            d_cond = dict(t=d["t_D"], eps=d["eps_D"], label=label)
+                            g_adv, fake = rpgan_g_objective(ddp, D, x0, d["z"], d["u"], d_cond, **cond)
+                            objective = objective + cfg["adv_weight"] * g_adv
+                            step_sums[1] += g_adv.detach().sum()
+                            pairs.append((x0, fake.detach(), d_cond))
                     # sum / B per micro-batch, times world_size against DDP's mean: the global-batch mean.
-                    (weighted.sum() * (world_size / B)).backward()
-                step_loss += loss.detach().sum()
-            if weight and world_size > 1:                           # the tiny weighting head is not under DDP
-                for p in weight.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world_size
+                    (objective.sum() * (world_size / B)).backward()
+                step_sums[0] += loss.detach().sum()
+            if weight:                                              # the tiny weighting head is not under DDP
+                mean_over_ranks(weight.parameters(), world_size)
 
-            # Discriminator: RpGAN + gamma/2 (R1 + R2) on the generator step's pairs, against the same D.
+            # Discriminator (adv): RpGAN + gamma/2 (R1 + R2) on the generator step's pairs, against the same D.
             if stage == "adv":
                 optimizer_D.zero_grad(set_to_none=True)             # drop what the generator loss left there
-                for rows, (x0, fake, label) in zip(micro_batches, pairs):
+                for x0, fake, d_cond in pairs:
                     with autocast:
-                        d_obj, *parts = rpgan_d_objective(D, x0, fake, cfg["adv_gamma"], t=t_D[rows],
-                                                          eps=eps_D[rows], label=label)     # (b,) each
+                        d_obj, *parts = rpgan_d_objective(D, x0, fake, cfg["adv_gamma"], **d_cond)   # (b,) each
                     (d_obj.sum() * (world_size / B)).backward()
-                    step_adv[1:] += torch.stack([part.sum() for part in parts])
-                if world_size > 1:                                  # the head is not under DDP either
-                    for p in head.parameters():
-                        dist.all_reduce(p.grad)
-                        p.grad /= world_size
+                    step_sums[2:] += torch.stack([part.sum() for part in parts])
+                mean_over_ranks(head.parameters(), world_size)
 
             # NaN guard: if any loss or gradient is not finite, every rank skips the update (of both nets).
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            finite = torch.isfinite(grad_norm) & torch.isfinite(step_loss)
+            finite = torch.isfinite(grad_norm) & torch.isfinite(step_sums).all()
             if head:
-                d_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in head.parameters()])
-                finite &= torch.isfinite(d_grad_norm) & torch.isfinite(step_adv).all()
+                finite &= torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in head.parameters()]))
             flags = torch.stack([~finite, torch.tensor(bool(stop_requested), device=device)]).float()
             if world_size > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -643,7 +545,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                 skipped += 1
                 if rank == 0:
                     print(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
-            else:
+            else:                                                   # optimizer and EMA
                 if cfg["clip_grad"] > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, cfg["clip_grad"], grad_norm)
                 for group in optimizer.param_groups:
@@ -654,8 +556,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                 torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - beta)
                 if head:
                     optimizer_D.step()
-                loss_sum += step_loss
-                adv_sum += step_adv
+                sums += step_sums
                 grad_norm_sum += grad_norm
                 finite_steps += 1
             step += 1
@@ -665,27 +566,20 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
             # Status line.
             if step % status_every == 0 or done:
                 if world_size > 1:
-                    dist.all_reduce(loss_sum)
-                    dist.all_reduce(adv_sum)
-                stats = dict(kimg=step * B / 1000, step=step, loss=loss_sum.item() / max(finite_steps * B, 1),
-                             lr=lr, r=r, grad_norm=grad_norm_sum.item() / max(finite_steps, 1),
+                    dist.all_reduce(sums)
+                n = max(finite_steps * B, 1)                        # per-sample means; ln 2 = 0.69 at a draw
+                stats = dict(kimg=step * B / 1000, step=step, loss=sums[0].item() / n, lr=lr, r=r,
+                             grad_norm=grad_norm_sum.item() / max(finite_steps, 1),
                              sec_per_kimg=(time.time() - tick) / (steps_since * B / 1000),
                              mem_gib=peak_memory_gib(device), skipped=skipped)
-                if stage == "adv":                                  # per-sample means; ln 2 = 0.69 at a draw
-                    means = (adv_sum / max(finite_steps * B, 1)).tolist()
-                    stats.update(zip(("g_adv", "d_loss", "d_real_minus_fake", "r1_r2"), means))
+                if stage == "adv":
+                    stats.update(zip(("g_adv", "d_loss", "d_real_minus_fake", "r1_r2"), (sums[1:] / n).tolist()))
                 if rank == 0:
-                    print(f"kimg {stats['kimg']:<8.2f} step {step:<7d} loss {stats['loss']:<8.3g} lr {lr:<8.2e} "
-                          + (f"r {r:<5.3f} " if cfg["loss"] == "emd" else "")
-                          + (f"D {stats['d_loss']:<6.3f} G_adv {stats['g_adv']:<6.3f} "
-                             f"D(real)-D(fake) {stats['d_real_minus_fake']:<+7.3f} " if stage == "adv" else "")
-                          + f"sec/kimg {stats['sec_per_kimg']:<7.2f} mem {stats['mem_gib']:.2f} GiB "
-                          + f"skipped {skipped}")
+                    print(status_line(stats, stage, cfg["loss"]))
                     with open(out / "log.jsonl", "a") as f:
                         f.write(json.dumps(stats) + "\n")
-                loss_sum.zero_()
+                sums.zero_()
                 grad_norm_sum.zero_()
-                adv_sum.zero_()
                 finite_steps = steps_since = 0
                 tick = time.time()
 
@@ -704,40 +598,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch.
-
-def setup_process(device, rank, local_rank, world_size):
-    """Resolve --device (auto: CUDA if there is one), pin this process's GPU, and join the process
-    group when there are several processes (NCCL on CUDA, gloo on CPU, whose processes then share
-    the cores). Returns (the resolved --device string, the torch.device). Used by sample.py too."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
-    if torch_device.type == "cuda":
-        torch.cuda.set_device(torch_device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo", rank=rank,
-                                world_size=world_size, device_id=torch_device if torch_device.type == "cuda" else None)
-        if torch_device.type == "cpu":
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
-    return device, torch_device
-
-
-def exit_worker():
-    """End a process of a process group once its work is done and saved, skipping interpreter
-    shutdown: there, gloo's threads abort the process now and then ("terminate called without an
-    active exception"; 2 of 30 two-process runs here, 0 of 40 with this exit)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _spawned(local_rank, cfg, world_size):
-    signal.signal(signal.SIGINT, signal.default_int_handler)       # the parent ignores Ctrl-C, not us
-    train(cfg, rank=local_rank, local_rank=local_rank, world_size=world_size)
-    exit_worker()
-
+# Launch (launch.py).
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -760,40 +621,10 @@ def main(argv=None):
                 print(f"{cfg['out']} is finished ({state['step']} steps); nothing to do")
             return
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:         # torchrun
-        if cfg["gpus"] != 1:
-            raise ValueError("--gpus is for a single-machine launch; under torchrun use --nproc_per_node")
-        train(cfg, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-        exit_worker()
-    elif cfg["gpus"] > 1:
-        if cfg["device"] != "cpu" and torch.cuda.device_count() < cfg["gpus"]:
-            raise ValueError(f"--gpus {cfg['gpus']}, but {torch.cuda.device_count()} CUDA devices are visible "
-                             f"(--device cpu runs CPU processes)")
-        if str(cfg["data"]) != "synthetic":                         # build a missing cache once, here
+    def build_cache():                                              # once, before --gpus spawns its processes
+        if str(cfg["data"]) != "synthetic":
             load_dataset(cfg["data"], cache_dir=cfg["cache_dir"], resolution=cfg["resolution"])
-        with socket.socket() as sock:                               # a free port for the process group
-            sock.bind(("localhost", 0))
-            os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(sock.getsockname()[1]))
-        # Ctrl-C reaches every process of the terminal's group by itself; SIGTERM is forwarded.
-        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            context = mp.spawn(_spawned, args=(cfg, cfg["gpus"]), nprocs=cfg["gpus"], join=False)
-
-            def forward(signum, frame):
-                for process in context.processes:
-                    if process.is_alive():
-                        os.kill(process.pid, signum)
-
-            sigterm = signal.signal(signal.SIGTERM, forward)
-            try:
-                while not context.join():
-                    pass
-            finally:
-                signal.signal(signal.SIGTERM, sigterm)
-        finally:
-            signal.signal(signal.SIGINT, sigint)
-    else:
-        train(cfg)
+    launch(train, cfg, cfg["gpus"], cfg["device"], before_spawn=build_cache)
 
 
 if __name__ == "__main__":
