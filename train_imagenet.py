@@ -455,14 +455,10 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     state_path = out / "training-state.pt"
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)   # main() checked its config
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if weight:
-            weight.load_state_dict(state["weight"])
-        if head:
-            head.load_state_dict(state["disc"])
-            optimizer_D.load_state_dict(state["disc_optimizer"])
+        for key, part in dict(net=net, ema=ema, optimizer=optimizer, weight=weight, disc=head,
+                              disc_optimizer=optimizer_D).items():
+            if part is not None:                                    # weight: --weighting adaptive; disc*: adv
+                part.load_state_dict(state[key])
         step, skipped = state["step"], state["skipped"]
         del state
     total_steps = num_steps(cfg)
