@@ -32,6 +32,8 @@ CLIP_ACT = 256         # EDM2 clips every block's output to [-256, 256] (numeric
 PRESETS = {            # EDM2 ImageNet-64 sizes (EDM2 Table 3; XS as the autoguidance paper's guide)
     "tiny": dict(model_channels=16,  channel_mult=(1, 2, 4),    num_blocks=1, attn_resolutions=(16,),
                  channels_per_head=32),                         # for CPU tests
+    "digits": dict(model_channels=16, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(8,),
+                   channels_per_head=32),                       # MNIST at 32x32 on a CPU (README)
     "XS":   dict(model_channels=128, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8)),
     "S":    dict(model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8)),
     "M":    dict(model_channels=256, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(16, 8)),

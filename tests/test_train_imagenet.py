@@ -427,3 +427,9 @@ def test_adv_checks_its_init_and_resolves_from_it(runs, distilled, tmp_path, cap
     assert cfg["lr"] == pytest.approx(ti.learning_rate(1, ti.read_config(distilled)))   # its last step's
     assert (cfg["warmup"], cfg["lr_rampup"], cfg["lr_decay"]) == (0, 0, 0)
     assert cfg["kimg"] == ti.PRESETS["tiny"]["adv_kimg"]
+
+
+def test_format_duration():
+    assert ti.format_duration(0) == "0:00"
+    assert ti.format_duration(725.4) == "12:05"
+    assert ti.format_duration(3723) == "1:02:03"
