@@ -94,7 +94,7 @@ PRESETS = {
     "tiny": dict(resolution=32, batch=16, lr_rampup=10, lr_decay=50, distill_kimg=0.5, adv_kimg=0.32, warmup=20,
                  ema_kimg=0.5, precision="fp32", status_kimg=0.4, snapshot_kimg=1,
                  lr=0.0100, dropout=0.0, teacher_kimg=2),
-    "digits": dict(resolution=32, batch=64, lr_rampup=20, lr_decay=200, distill_kimg=6.4, adv_kimg=1.28, warmup=20,
+    "digits": dict(resolution=32, batch=64, lr_rampup=20, lr_decay=200, distill_kimg=3.2, adv_kimg=0.64, warmup=20,
                    ema_kimg=2, precision="fp32", status_kimg=0.64, snapshot_kimg=3.2,
                    lr=0.0100, dropout=0.0, teacher_kimg=48),
     "XS":   dict(IMAGENET64, lr=0.0120, dropout=0.0, teacher_kimg=2**30 / 1e3),
