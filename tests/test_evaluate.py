@@ -52,7 +52,7 @@ def classifier_file(tmp_path_factory, synthetic):
 
 def load_classifier(path):
     saved = torch.load(path, weights_only=True)
-    clf = evaluate.Classifier(saved["info"]["num_classes"], saved["info"]["width"])
+    clf = evaluate.Classifier(saved["info"]["num_classes"], saved["info"]["resolution"], saved["info"]["width"])
     clf.load_state_dict(saved["state_dict"])
     return clf.eval(), saved["info"]
 
@@ -152,10 +152,11 @@ def test_cli_end_to_end(runs, classifier_file, tmp_path):
     """Rows for every run, lam and step count; a student without lam input is skipped at lam 2; cm is
     gamma-sampled; the emd row at lam 2, 2 steps matches the test's own teacher ODE and classifier."""
     out = tmp_path / "eval"
-    metrics = evaluate.main(["--data", "synthetic", "--teacher", str(runs / "teacher"), "--guide", str(runs / "guide"),
-                             "--runs", f"emd={runs / 'emd'}", f"cm={runs / 'emd'}", f"plain={runs / 'plain'}:gamma=0.5",
-                             "--steps", "1,2", "--num", "16", "--teacher-steps", "2", "--classifier", str(classifier_file),
-                             "--grid-num", "4", "--device", "cpu", "--out", str(out)])
+    argv = ["--data", "synthetic", "--teacher", str(runs / "teacher"), "--guide", str(runs / "guide"),
+            "--runs", f"emd={runs / 'emd'}", f"cm={runs / 'emd'}", f"plain={runs / 'plain'}:gamma=0.5",
+            "--steps", "1,2", "--num", "16", "--teacher-steps", "2", "--classifier", str(classifier_file),
+            "--grid-num", "4", "--device", "cpu", "--out", str(out)]
+    metrics = evaluate.main(argv)
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert Image.open(out / "eval.png").size[0] > 500
     rows = {(r["run"], r["lam"], r["steps"]): r for r in metrics["rows"]}
@@ -163,6 +164,9 @@ def test_cli_end_to_end(runs, classifier_file, tmp_path):
     assert metrics["runs"]["cm"]["gamma"] == 1 and metrics["runs"]["plain"]["gamma"] == 0.5
     assert rows["cm", 1, 1] | {"run": "emd", "seconds": 0} == rows["emd", 1, 1] | {"seconds": 0}   # 1 step: no re-noising
     assert rows["cm", 1, 2]["distill_err"] != rows["emd", 1, 2]["distill_err"]
+    rerun = evaluate.main(argv)                                         # reuses teacher-lam*.npz
+    assert [r | {"seconds": 0} for r in rerun["rows"]] == [r | {"seconds": 0} for r in metrics["rows"]]
+    assert sorted(p.name for p in out.glob("teacher-*")) == ["teacher-lam1.npz", "teacher-lam2.npz"]
 
     # The emd row at lam 2, 2 steps, recomputed: the teacher's guided ODE integrated here with flowmap.
     seeds = list(range(16))
