@@ -8,6 +8,8 @@ once and memory-mapped.
 Sources:
     an ImageNet train folder   one sub-folder per class (wnid), image files at any depth below it;
                                labels follow the sorted class-folder names
+    Tiny-ImageNet's val folder images/*.JPEG plus val_annotations.txt ("file<TAB>wnid<TAB>box");
+                               labels follow the sorted wnids, as for the train folder
     npz batches                the downsampled ImageNet of Chrabaszcz et al. 2017: a folder of
                                train_data_batch_*.npz (or one such file), 'data' (N, 3*R*R) uint8 stored
                                as flattened CHW, 'labels' 1..1000
@@ -24,25 +26,44 @@ A folder, npz or idx source is converted once into a cache folder, by default be
 (`/data/imagenet/train` -> `/data/imagenet/train-cache-64`; beside rather than inside, so the cache is
 never mistaken for a class folder):
 
-    images.npy      (N, R, R, 3) uint8   memory-mapped by every later run, nothing is decoded again
+    images.npy      (M, R, R, 3) uint8   memory-mapped by every later run, nothing is decoded again;
+                                         the first N rows are the images (M > N if some files failed)
     labels.npy      (N,) int64           0-based class indices
-    dataset.json    {"class_names", "source", "skipped"}, written last: it marks the cache complete
+    dataset.json    {"class_names", "source", "skipped", "manifest"}, written last: it marks the cache
+                    complete. The manifest summarizes the source files (per class folder or batch file:
+                    count, bytes, a digest of names and sizes, one of modification times); every load
+                    rescans the source (stat only, no decoding) and refuses a cache whose source changed.
+    .lock           held (flock) by a process building the cache, shared by those loading it
 
-Every file is written under a temporary name and renamed into place, so an interrupted
-preprocessing leaves no dataset.json and the next run starts over. Build the cache in one process
-before a multi-process launch, e.g. `python dataset.py /data/imagenet/train`: ranks that all find no
-cache would all start writing it, and preprocessing ImageNet takes far longer than a DDP barrier waits.
+The data is never silently wrong: a user's mistake raises DataError, a one-line message naming the
+problem and the fix (the command-line tools print it and exit with code 2). That covers a missing or
+unrecognized source, an empty one, a probably wrong layout (a split or `images` folder taken as a
+class, images without class folders), a stale cache, and too little disk space for the cache.
+Building is safe against interruption and concurrency: the builder holds the lock, writes under
+names unique to its process, and renames dataset.json into place last, so a killed build leaves no
+cache that looks complete, and a second process waits for the first one's cache and then uses it.
+Still, build the cache in one process before a multi-process launch, e.g.
+`python dataset.py /data/imagenet/train`: preprocessing ImageNet takes far longer than a DDP barrier
+waits.
 """
 import argparse
+import collections
+import contextlib
+import errno
+import fcntl
 import functools
 import gzip
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
+import sys
+import uuid
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -53,6 +74,13 @@ from PIL import Image
 from tqdm import tqdm
 
 NPZ_NUM_CLASSES = 1000      # the downsampled-ImageNet npz batches always label 1..1000
+IMAGE_SUFFIXES = {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+LAYOUT_FOLDERS = {"images", "imgs", "train", "training", "val", "valid", "validation", "test", "testing"}
+
+
+class DataError(ValueError):
+    """A problem with the data the user pointed at (path, layout, cache, disk space); the message is
+    one line that names the problem and the fix. The command-line tools print it and exit with 2."""
 
 
 @dataclass(repr=False)
@@ -74,25 +102,26 @@ class ImageDataset:
         return f"ImageDataset({N} images of {H}x{W}, {self.num_classes} classes)"
 
 
-def load_dataset(source, cache_dir=None, resolution=64, max_images=None, seed=0):
+def load_dataset(source, cache_dir=None, resolution=64, max_images=None, seed=0, rebuild_cache=False):
     """Returns an ImageDataset for an ImageNet folder, npz batches, or "synthetic" (see the module doc).
 
-    cache_dir:  where the preprocessed arrays live; default `<source>-cache-<resolution>` beside the
-                source. A complete cache is used as is: the source is then not even opened.
-    max_images: keep only the first max_images images (a view: the cache always holds everything).
-    seed:       only for "synthetic", which is generated from it.
+    cache_dir:     where the preprocessed arrays live; default `<source>-cache-<resolution>` beside the
+                   source. A complete cache whose source is unchanged is used as is (nothing decoded).
+    max_images:    keep only the first max_images images (a view: the cache always holds everything).
+    seed:          only for "synthetic", which is generated from it.
+    rebuild_cache: rebuild the cache even if it is complete (after the source changed).
+    Raises DataError for a bad source, a wrong layout, a stale cache or too little disk space.
     """
+    if max_images is not None and max_images < 1:
+        raise DataError(f"max_images must be at least 1, got {max_images}")
     if str(source) == "synthetic":
         ds = make_synthetic(resolution, seed)
     else:
         source = Path(source).expanduser().resolve()
-        cache_dir = Path(cache_dir) if cache_dir else source.parent / f"{source.name}-cache-{resolution}"
-        if not (cache_dir / "dataset.json").exists():
-            _build_cache(source, cache_dir, resolution)
-        ds = _load_cache(cache_dir, resolution)
+        cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else \
+            source.parent / f"{source.name}-cache-{resolution}"
+        ds = _cached_dataset(source, cache_dir, resolution, rebuild_cache)
     if max_images is not None:
-        if max_images < 1:
-            raise ValueError(f"max_images must be at least 1, got {max_images}")
         ds = ImageDataset(ds.images[:max_images], ds.labels[:max_images], ds.class_names)
     return ds
 
@@ -158,124 +187,161 @@ def preprocess_image(image, resolution):
     return pixels[top:top + resolution, left:left + resolution]         # (R, R, 3)
 
 
+def to_rgb(image):
+    """Any PIL image -> 8-bit RGB with its full range kept.
+
+    PIL's own convert("RGB") clips 16-bit pixels to 0..255, which turns a 16-bit PNG nearly white;
+    here 16-bit (and 32-bit integer, which PIL uses for 16-bit PGM) grayscale is scaled by 255/65535.
+    Float pixels have no standard range, so they are refused. Transparent pixels (RGBA, LA, PA, a
+    palette or RGB with a transparent color) are composited over white: their stored color is
+    arbitrary, often black. Grayscale, 1-bit, palette, CMYK and YCbCr convert as usual.
+    """
+    if image.mode.startswith("I"):                                      # I;16, I;16B, I;16L, I;16N, I
+        pixels = np.asarray(image).astype(np.float64) * (255 / 65535)
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError("float pixels have no standard range; save the image with 8 or 16 bits")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def _decode_file(path, resolution):
     """Runs in a worker: returns (image, None), or (None, reason) for a file that cannot be decoded.
 
-    PIL identifies the format from the content, so ImageNet's PNG named .JPEG decodes as a PNG;
-    grayscale and CMYK JPEGs become RGB. Any failure is returned rather than raised, because one bad
-    file must not end an hour of preprocessing, and the parent process names it in a warning.
+    PIL identifies the format from the content, so ImageNet's PNG named .JPEG decodes as a PNG. Any
+    failure is returned rather than raised, because one bad file must not end an hour of
+    preprocessing, and the parent process names it in a warning.
     """
     try:
         with Image.open(path) as image:
-            return preprocess_image(image.convert("RGB"), resolution), None
+            return preprocess_image(to_rgb(image), resolution), None
     except Exception as error:
         return None, f"{type(error).__name__}: {error}"
 
 
 # ----------------------------------------------------------------------------------------------
-# Building and loading the cache.
+# What a source holds, found without decoding anything; wrong layouts are refused here.
 
-def _build_cache(source, cache_dir, resolution):
-    """Converts an ImageNet folder or npz batches into cache_dir (layout in the module doc)."""
+@dataclass
+class SourceScan:
+    """The files a folder or npz source will be converted from, and what they mean."""
+    kind:        str            # "folder", "annotated" (Tiny-ImageNet val), "npz" or "idx"
+    files:       list           # the Paths to convert, in cache order
+    groups:      list           # per file: its class (folder or wnid) or batch file name, for the manifest
+    class_names: list = None    # None: from the labels (idx)
+    labels:      list = None    # per file, 0-based (image sources only)
+    extra:       list = field(default_factory=list)     # (group, Path) the labels come from
+    notes:       list = field(default_factory=list)     # warnings to give when the cache is built
+
+
+def _scan_source(source):
+    """SourceScan of an image folder, a Tiny-ImageNet val folder, npz batches or idx files; DataError otherwise."""
     if not source.exists():
-        raise FileNotFoundError(f"dataset source not found: {source}")
-    images_tmp = cache_dir / "images.tmp.npy"
-    npz_files = _find_npz_batches(source)
+        raise DataError(f"dataset source not found: {source} (expected an ImageNet train folder, npz batches, "
+                        f"MNIST idx files or 'synthetic')")
     idx_files = _find_idx_files(source)
     if idx_files:
-        labels = _convert_idx(*idx_files, images_tmp, resolution)
-        meta = {"class_names": [str(k) for k in range(labels.max() + 1)], "skipped": []}
-    elif npz_files:
-        labels = _convert_npz(npz_files, images_tmp, resolution)
-        meta = {"class_names": [f"class{k}" for k in range(NPZ_NUM_CLASSES)], "skipped": []}
-    else:
-        class_names, files, file_labels = _scan_image_folder(source)
-        labels, skipped = _convert_images(files, file_labels, images_tmp, resolution)
-        meta = {"class_names": class_names, "skipped": skipped}
-    meta["source"] = str(source)
-
-    # The order of the renames matters: dataset.json last, so it exists only for a complete cache.
-    os.replace(images_tmp, cache_dir / "images.npy")
-    np.save(cache_dir / "labels.tmp.npy", labels)
-    os.replace(cache_dir / "labels.tmp.npy", cache_dir / "labels.npy")
-    (cache_dir / "dataset.tmp.json").write_text(json.dumps(meta, indent=1))
-    os.replace(cache_dir / "dataset.tmp.json", cache_dir / "dataset.json")
+        return SourceScan("idx", list(idx_files), [path.name for path in idx_files])
+    npz_files = _find_npz_batches(source)
+    if npz_files:
+        return SourceScan("npz", npz_files, [path.name for path in npz_files],
+                          [f"class{k}" for k in range(NPZ_NUM_CLASSES)])
+    if not source.is_dir():
+        raise DataError(f"{source} is neither a folder of class sub-folders nor an npz batch or idx images file")
+    if (source / "val_annotations.txt").is_file() and (source / "images").is_dir():
+        return _scan_annotated_folder(source)
+    return _scan_image_folder(source)
 
 
-def _load_cache(cache_dir, resolution):
-    """Memory-maps a complete cache, checking that it holds what was asked for."""
-    meta = json.loads((cache_dir / "dataset.json").read_text())
-    images = np.load(cache_dir / "images.npy", mmap_mode="r")          # (N, R, R, 3) uint8, not read
-    labels = np.load(cache_dir / "labels.npy")                          # (N,) int64
-    if images.dtype != np.uint8 or images.shape[1:] != (resolution, resolution, 3):
-        raise ValueError(f"the cache in {cache_dir} holds {images.dtype} images of shape {images.shape[1:]}, "
-                         f"not uint8 ({resolution}, {resolution}, 3) for resolution={resolution}; "
-                         f"pass another cache_dir or delete this one to rebuild it")
-    if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= len(meta["class_names"]):
-        raise ValueError(f"the cache in {cache_dir} is inconsistent: {len(images)} images, labels of shape "
-                         f"{labels.shape} in [{labels.min()}, {labels.max()}], {len(meta['class_names'])} "
-                         f"classes; delete it to rebuild it")
-    return ImageDataset(images, labels, meta["class_names"])
+def _is_image_name(name):
+    """By the name alone: hidden files (.DS_Store, macOS's ._x.jpg) and non-image suffixes are not."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _scan_image_folder(source):
-    """Lists (class_names, files, labels) of an ImageNet-style folder, both in a deterministic order."""
-    if not source.is_dir():
-        raise ValueError(f"{source} is neither a folder of class sub-folders nor an npz batch file")
-    class_names = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """One class per sub-folder, image files at any depth below it, both in a deterministic order."""
+    top = sorted(os.scandir(source), key=lambda entry: entry.name)
+    class_names = [entry.name for entry in top if entry.is_dir() and not entry.name.startswith(".")]
+    loose = [entry.name for entry in top if entry.is_file() and _is_image_name(entry.name)]
     if not class_names:
-        raise ValueError(f"{source} has no class sub-folders (expected one per class, e.g. "
-                         f"n01440764/) and no npz batches")
-    files, labels = [], []
+        if loose:
+            raise DataError(f"{source} holds {len(loose)} images but no class sub-folders; put each class's "
+                            f"images in its own sub-folder (unlabelled images all in one)")
+        raise DataError(f"{source} has no class sub-folders (expected one per class, e.g. n01440764/) "
+                        f"and no npz batches")
+    layout = [name for name in class_names if name.lower() in LAYOUT_FOLDERS]
+    if layout:
+        raise DataError(f"{source} would take its sub-folder{'s' * (len(layout) > 1)} {', '.join(layout)} as "
+                        f"class{'es' * (len(layout) > 1)}, but such folders hold a split or loose images; point "
+                        f"at the folder whose sub-folders are the classes (Tiny-ImageNet: train/, or val/ "
+                        f"with its val_annotations.txt)")
+
+    def unreadable(error):
+        raise DataError(f"cannot read {error.filename} ({error.strerror}) in the dataset source {source}")
+
+    files, labels, empty, not_images = [], [], [], collections.Counter()
     for label, name in enumerate(class_names):
-        found = [Path(root, f) for root, _, names in os.walk(source / name, followlinks=True)
-                 for f in names if not f.startswith(".")]
+        found = []
+        for root, folders, names in os.walk(source / name, onerror=unreadable, followlinks=True):
+            folders[:] = [folder for folder in folders if not folder.startswith(".")]
+            for file_name in names:
+                if _is_image_name(file_name):
+                    found.append(Path(root, file_name))
+                else:
+                    not_images["hidden" if file_name.startswith(".") else Path(file_name).suffix.lower() or "no suffix"] += 1
         files += sorted(found)
         labels += [label] * len(found)
+        empty += [name] * (not found)
     if not files:
-        raise ValueError(f"no image files under the {len(class_names)} class folders of {source}")
-    return class_names, files, labels
+        raise DataError(f"no image files under the {len(class_names)} class folders of {source}"
+                        + (f" ({_not_images_note(not_images)})" if not_images else ""))
+
+    notes = [_not_images_note(not_images)] if not_images else []
+    if loose:
+        notes.append(f"ignored {len(loose)} images directly in {source}, outside the class folders")
+    if empty:
+        notes.append(f"{len(empty)} class folders hold no images (e.g. {empty[0]}); they still count as classes")
+    if len(class_names) == 1:
+        notes.append(f"{source} has a single class folder, {class_names[0]} ({len(files)} images): the model "
+                     f"learns them as one class; if they belong to several, give each class its own sub-folder")
+    return SourceScan("folder", files, [class_names[label] for label in labels], class_names, labels, notes=notes)
 
 
-def _convert_images(files, file_labels, images_tmp, resolution):
-    """Decodes every file in parallel into images_tmp; returns (labels (N,) int64, skipped file names).
+def _not_images_note(counts):
+    kinds = ", ".join(f"{count} {kind}" for kind, count in counts.most_common(4))
+    return f"skipped {sum(counts.values())} files that are not images by their name ({kinds}{', ...' * (len(counts) > 4)})"
 
-    The array has a row for every file, filled in order by the files that decode; if some do not,
-    it is rewritten without the unused rows at the end.
+
+def _scan_annotated_folder(source):
+    """Tiny-ImageNet's val layout: images/*.JPEG, and val_annotations.txt lines 'file<TAB>wnid<TAB>box'.
+
+    Labels follow the sorted wnids, the same order as the train folder's sorted class folders when
+    every class appears (as in Tiny-ImageNet's val, 50 images each of all 200).
     """
-    rows = _create_images(images_tmp, len(files), resolution)
-    labels, skipped = [], []
-    decode = functools.partial(_decode_file, resolution=resolution)
-    with Pool() as pool:
-        results = pool.imap(decode, files, chunksize=64)
-        for path, label, (image, error) in tqdm(zip(files, file_labels, results), total=len(files),
-                                                 desc="preprocessing", unit="img"):
-            if error is not None:
-                warnings.warn(f"skipping unreadable image {path} ({error})")
-                skipped.append(str(path))
-                continue
-            rows[len(labels)] = image
-            labels.append(label)
-    if not labels:
-        raise ValueError(f"none of the {len(files)} files could be decoded as an image (first: {files[0]})")
-    rows.flush()
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} of {len(files)} files that could not be decoded")
-        compact = images_tmp.with_name("images.compact.tmp.npy")
-        np.save(compact, rows[:len(labels)])                            # streams from the memmap
-        os.replace(compact, images_tmp)
-    return np.array(labels, dtype=np.int64), skipped
-
-
-def _create_images(path, num_images, resolution):
-    """A new (num_images, R, R, 3) uint8 .npy file, memory-mapped for writing; creates its folder."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"cannot create the cache folder {path.parent} ({error}); "
-                      f"pass cache_dir= to put it elsewhere") from error
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                                     shape=(num_images, resolution, resolution, 3))
+    annotations = source / "val_annotations.txt"
+    wnid_of = {}
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) < 2 and line.strip():
+            raise DataError(f"{annotations} line {number} is not 'file<TAB>class<TAB>...': {line[:60]!r}")
+        if line.strip():
+            wnid_of[fields[0]] = fields[1]
+    class_names = sorted(set(wnid_of.values()))
+    present = sorted(name for name in os.listdir(source / "images") if _is_image_name(name))
+    files = [source / "images" / name for name in present if name in wnid_of]
+    if not files:
+        raise DataError(f"none of the {len(present)} images in {source / 'images'} is named in {annotations}")
+    notes = []
+    if len(files) < len(present):
+        notes.append(f"ignored {len(present) - len(files)} images in {source / 'images'} that {annotations.name} "
+                     f"does not name")
+    if len(files) < len(wnid_of):
+        notes.append(f"{len(wnid_of) - len(files)} images named in {annotations} are missing")
+    groups = [wnid_of[path.name] for path in files]
+    labels = [class_names.index(wnid) for wnid in groups]
+    return SourceScan("annotated", files, groups, class_names, labels, [(annotations.name, annotations)], notes)
 
 
 def _find_npz_batches(source):
@@ -293,6 +359,216 @@ def _find_npz_batches(source):
     return [path for path in candidates if is_batch(path)]
 
 
+# ----------------------------------------------------------------------------------------------
+# The manifest: what a cache was built from, compared on every load.
+
+def _manifest(source, scan):
+    """Per group (class or batch file): files, bytes, a digest of (name, size) and one of mtimes."""
+    root = source if source.is_dir() else source.parent
+    rows = collections.defaultdict(list)
+    for group, path in list(zip(scan.groups, scan.files)) + scan.extra:
+        stat = path.stat()
+        rows[group].append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return {group: {"files": len(entries), "bytes": sum(size for _, size, _ in entries),
+                    "names_and_sizes": _digest(f"{name}\t{size}" for name, size, _ in entries),
+                    "mtimes": _digest(str(mtime) for _, _, mtime in entries)}
+            for group, entries in sorted(rows.items())}
+
+
+def _digest(lines):
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _check_manifest(built, now, cache_dir, rebuild_hint):
+    """Refuses a cache whose source gained, lost, renamed or resized files; warns on newer mtimes only
+    (a copy without -p changes every mtime, so that alone is no proof of other pixels)."""
+    added, removed = sorted(now.keys() - built.keys()), sorted(built.keys() - now.keys())
+    common = sorted(built.keys() & now.keys())
+    changed = [g for g in common if built[g]["names_and_sizes"] != now[g]["names_and_sizes"]]
+    if added or removed or changed:
+        parts = [f"new: {_some(added)}"] * bool(added) + [f"gone: {_some(removed)}"] * bool(removed)
+        parts += [f"{g}: {built[g]['files']} files of {built[g]['bytes']} bytes when built, {now[g]['files']} of "
+                  f"{now[g]['bytes']} now" for g in changed[:2]]
+        parts += [f"{len(changed) - 2} more changed"] * (len(changed) > 2)
+        raise DataError(f"the cache {cache_dir} is stale, its source changed since it was built "
+                        f"({'; '.join(parts)}); {rebuild_hint}")
+    touched = [g for g in common if built[g]["mtimes"] != now[g]["mtimes"]]
+    if touched:
+        warnings.warn(f"files of {_some(touched)} have other modification times than when the cache {cache_dir} "
+                      f"was built (same names and sizes); if images were edited in place, {rebuild_hint}")
+
+
+def _some(names, shown=3):
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and loading the cache.
+
+def _cached_dataset(source, cache_dir, resolution, rebuild):
+    """The cache of `source`: loaded if complete and current, built (under the lock) otherwise."""
+    complete = cache_dir / "dataset.json"
+    if not source.exists() and complete.exists() and not rebuild:
+        warnings.warn(f"the dataset source {source} is gone; using its cache {cache_dir} without checking it")
+        return _load_cache(cache_dir, resolution)
+    scan = _scan_source(source)
+    if source.is_dir() and cache_dir.is_relative_to(source):
+        raise DataError(f"the cache folder {cache_dir} lies inside the dataset source {source}, where it would "
+                        f"be read as data; put it beside the source (the default) or elsewhere")
+    manifest = _manifest(source, scan)
+    hint = (f"rebuild it with `python dataset.py {source} --cache-dir {cache_dir} --resolution {resolution} "
+            f"--rebuild-cache` or delete {cache_dir}")
+    if complete.exists() and not rebuild:
+        with _cache_lock(cache_dir, exclusive=False):
+            if complete.exists():
+                return _load_cache(cache_dir, resolution, manifest, hint)
+    with _cache_lock(cache_dir, exclusive=True):
+        if complete.exists() and not rebuild:                       # built by another process meanwhile
+            return _load_cache(cache_dir, resolution, manifest, hint)
+        _build_cache(source, cache_dir, resolution, scan, manifest)
+        return _load_cache(cache_dir, resolution)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_dir, exclusive):
+    """flock on cache_dir/.lock: exclusive to build, shared to load. The OS releases it when its
+    process ends, however it ends, so a killed builder leaves no stale lock."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(cache_dir / ".lock", "a")
+    except OSError as error:
+        if exclusive:
+            raise DataError(f"cannot write the cache folder {cache_dir} ({error.strerror}); pass --cache-dir "
+                            f"to put it elsewhere") from error
+        lock = None                                                 # a read-only cache: nobody builds it
+    with lock or contextlib.nullcontext():
+        operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            lock and fcntl.flock(lock, operation | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that holds the cache {cache_dir} (building it takes as long as "
+                  f"preprocessing)", file=sys.stderr, flush=True)
+            fcntl.flock(lock, operation)
+        yield
+
+
+def _build_cache(source, cache_dir, resolution, scan, manifest):
+    """Converts the scanned source into cache_dir (layout in the module doc); the caller holds the lock.
+
+    Files are written under names unique to this process and renamed into place, dataset.json last,
+    so a failure at any point leaves no cache that looks complete, and nothing a rerun trips on.
+    """
+    for note in scan.notes:
+        warnings.warn(note)
+    (cache_dir / "dataset.json").unlink(missing_ok=True)           # an old cache stops being complete first
+    for leftover in cache_dir.glob("*.tmp"):                        # a killed build's; the lock says it is dead
+        leftover.unlink()
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    images_tmp, labels_tmp, meta_tmp = (cache_dir / f"{name}.{token}.tmp"
+                                        for name in ("images.npy", "labels.npy", "dataset.json"))
+    try:
+        if scan.kind == "npz":
+            labels, skipped = _convert_npz(scan.files, images_tmp, resolution), []
+        elif scan.kind == "idx":
+            labels, skipped = _convert_idx(*scan.files, images_tmp, resolution), []
+        else:
+            labels, skipped = _convert_images(scan.files, scan.labels, images_tmp, resolution)
+        with open(labels_tmp, "wb") as file:
+            np.save(file, labels)
+        class_names = scan.class_names or [str(k) for k in range(labels.max() + 1)]
+        meta = {"class_names": class_names, "source": str(source), "skipped": skipped, "manifest": manifest}
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(images_tmp, cache_dir / "images.npy")
+        os.replace(labels_tmp, cache_dir / "labels.npy")
+        os.replace(meta_tmp, cache_dir / "dataset.json")
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DataError(f"no space left on the device of {cache_dir} while writing the cache; free some "
+                            f"space or pass --cache-dir on another disk") from error
+        raise
+    finally:
+        for path in (images_tmp, labels_tmp, meta_tmp):
+            path.unlink(missing_ok=True)
+
+
+def _load_cache(cache_dir, resolution, manifest=None, rebuild_hint=None):
+    """Memory-maps a complete cache, checking that it holds what was asked for and, given the
+    source's manifest now, that the source has not changed since the cache was built."""
+    try:
+        meta = json.loads((cache_dir / "dataset.json").read_text())
+        images = np.load(cache_dir / "images.npy", mmap_mode="r")      # (M, R, R, 3) uint8, not read
+        labels = np.load(cache_dir / "labels.npy")                      # (N,) int64, N <= M
+    except (OSError, ValueError) as error:
+        raise DataError(f"the cache in {cache_dir} is unreadable ({type(error).__name__}: {error}); "
+                        f"delete it to rebuild it") from error
+    if manifest is not None:
+        if "manifest" in meta:
+            _check_manifest(meta["manifest"], manifest, cache_dir, rebuild_hint)
+        else:
+            warnings.warn(f"the cache {cache_dir} has no manifest (built by an older version), so a change of "
+                          f"its source goes unnoticed; {rebuild_hint}")
+    if images.dtype != np.uint8 or images.shape[1:] != (resolution, resolution, 3):
+        raise DataError(f"the cache in {cache_dir} holds {images.dtype} images of shape {images.shape[1:]}, "
+                        f"not uint8 ({resolution}, {resolution}, 3) for resolution={resolution}; "
+                        f"pass another cache_dir or delete this one to rebuild it")
+    if labels.ndim != 1 or not 0 < len(labels) <= len(images) or labels.min() < 0 \
+            or labels.max() >= len(meta["class_names"]):
+        raise DataError(f"the cache in {cache_dir} is inconsistent: {len(images)} images, labels of shape "
+                        f"{labels.shape}, {len(meta['class_names'])} classes; delete it to rebuild it")
+    return ImageDataset(images[:len(labels)], labels, meta["class_names"])
+
+
+def _convert_images(files, file_labels, images_tmp, resolution):
+    """Decodes every file in parallel into images_tmp; returns (labels (N,) int64, skipped file names).
+
+    The array has a row for every file, filled in order by the files that decode; rows left over by
+    files that do not stay unused at the end (the loader takes the first N).
+    """
+    rows = _create_images(images_tmp, len(files), resolution)
+    labels, skipped = [], []
+    decode = functools.partial(_decode_file, resolution=resolution)
+    with Pool() as pool:
+        results = pool.imap(decode, files, chunksize=64)
+        for path, label, (image, error) in tqdm(zip(files, file_labels, results), total=len(files),
+                                                 desc="preprocessing", unit="img"):
+            if error is not None:
+                warnings.warn(f"skipping unreadable image {path} ({error})")
+                skipped.append(str(path))
+                continue
+            rows[len(labels)] = image
+            labels.append(label)
+    if not labels:
+        raise DataError(f"none of the {len(files)} image files could be decoded (first: {files[0]})")
+    rows.flush()
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} of {len(files)} image files that could not be decoded")
+    return np.array(labels, dtype=np.int64), skipped
+
+
+def _create_images(path, num_images, resolution):
+    """A new (num_images, R, R, 3) uint8 .npy file, memory-mapped for writing, its disk blocks
+    allocated up front: writing into a memory map on a full disk kills the process with SIGBUS,
+    whereas a failed allocation is an ordinary error with a message."""
+    need = num_images * resolution * resolution * 3
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise DataError(f"no space left: need {_size(need)} at {path.parent}, have {_size(free)}; free some space "
+                        f"or pass --cache-dir on another disk")
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
+                                       shape=(num_images, resolution, resolution, 3))
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as error:                                    # ENOSPC: a DataError in _build_cache
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    return images
+
+
+def _size(num_bytes):
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
 def _convert_npz(files, images_tmp, resolution):
     """Concatenates npz batches into images_tmp as (N, R, R, 3); returns labels (N,) int64, 0-based."""
     counts = []
@@ -306,11 +582,11 @@ def _convert_npz(files, images_tmp, resolution):
         with np.load(path) as batch:
             data, batch_labels = batch["data"], np.asarray(batch["labels"], dtype=np.int64)
         if data.shape != (count, 3 * resolution * resolution):
-            raise ValueError(f"{path}: 'data' has shape {data.shape}, expected ({count}, {3 * resolution ** 2}) "
-                             f"for {resolution}x{resolution} images stored as flattened CHW")
+            raise DataError(f"{path}: 'data' has shape {data.shape}, expected ({count}, {3 * resolution ** 2}) "
+                            f"for {resolution}x{resolution} images stored as flattened CHW")
         if batch_labels.min() < 1 or batch_labels.max() > NPZ_NUM_CLASSES:
-            raise ValueError(f"{path}: labels must lie in 1..{NPZ_NUM_CLASSES}, found "
-                             f"{batch_labels.min()}..{batch_labels.max()}")
+            raise DataError(f"{path}: labels must lie in 1..{NPZ_NUM_CLASSES}, found "
+                            f"{batch_labels.min()}..{batch_labels.max()}")
         images[start:start + count] = data.reshape(count, 3, resolution, resolution).transpose(0, 2, 3, 1)
         labels[start:start + count] = batch_labels - 1
         start += count
@@ -336,15 +612,15 @@ def read_idx(path):
         with (gzip.open if gzipped else open)(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as error:                               # a damaged .gz
-        raise ValueError(f"{path} cannot be decompressed ({error}); download it again") from error
+        raise DataError(f"{path} cannot be decompressed ({error}); download it again") from error
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes (header {data[:4].hex()}, "
+        raise DataError(f"{path} is not an idx file of unsigned bytes (header {data[:4].hex()}, "
                          f"expected 0000 08 and the number of dimensions)")
     ndim = data[3]
     shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     array = np.frombuffer(data, dtype=IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
     if array.size != math.prod(shape):
-        raise ValueError(f"{path} holds {array.size} values, its header promises shape {shape}; "
+        raise DataError(f"{path} holds {array.size} values, its header promises shape {shape}; "
                          f"is the file truncated?")
     return array.reshape(shape)
 
@@ -357,7 +633,7 @@ def _find_idx_files(source):
         if not found:
             return None
         if len({pattern.match(p.name).group(1) for p in found}) > 1:
-            raise ValueError(f"{source} holds several idx image sets ({', '.join(p.name for p in found)}); "
+            raise DataError(f"{source} holds several idx image sets ({', '.join(p.name for p in found)}); "
                              f"pass the images file you want as --data")
         images = found[0]
     elif pattern.match(source.name):
@@ -368,7 +644,7 @@ def _find_idx_files(source):
     for name in (f"{prefix}-labels-idx1-ubyte.gz", f"{prefix}-labels-idx1-ubyte"):
         if (images.parent / name).is_file():
             return images, images.parent / name
-    raise ValueError(f"no labels for {images}: expected {prefix}-labels-idx1-ubyte[.gz] beside it")
+    raise DataError(f"no labels for {images}: expected {prefix}-labels-idx1-ubyte[.gz] beside it")
 
 
 def _convert_idx(images_path, labels_path, images_tmp, resolution):
@@ -376,12 +652,12 @@ def _convert_idx(images_path, labels_path, images_tmp, resolution):
     images_tmp; returns labels (N,) int64. Padding keeps the pixels exact (no resampling)."""
     gray, labels = read_idx(images_path), read_idx(labels_path).astype(np.int64)
     if gray.ndim != 3 or labels.shape != (len(gray),):
-        raise ValueError(f"{images_path} holds shape {gray.shape} and {labels_path} {labels.shape}; "
+        raise DataError(f"{images_path} holds shape {gray.shape} and {labels_path} {labels.shape}; "
                          f"expected (N, H, W) images and (N,) labels")
     _, H, W = gray.shape
     pad_h, pad_w = resolution - H, resolution - W
     if min(pad_h, pad_w) < 0 or pad_h % 2 or pad_w % 2:
-        raise ValueError(f"{images_path}: {H}x{W} images are zero-padded to the resolution, which must "
+        raise DataError(f"{images_path}: {H}x{W} images are zero-padded to the resolution, which must "
                          f"exceed each side by an even number of pixels (e.g. --resolution 32 for 28x28)")
     padded = np.pad(gray, ((0, 0), (pad_h // 2, pad_h // 2), (pad_w // 2, pad_w // 2)))    # (N, R, R)
     images = _create_images(images_tmp, len(gray), resolution)
@@ -428,10 +704,22 @@ def make_synthetic(resolution=64, seed=0, num_images=512):
     return ImageDataset(images, labels, [f"class{k}" for k in range(num_classes)])
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Preprocess an ImageNet folder, npz batches or idx files once.")
-    parser.add_argument("source", help="ImageNet train folder, npz batch folder or file, idx folder or images file")
+    parser.add_argument("source", help="ImageNet train folder, Tiny-ImageNet val folder, npz batch folder or "
+                                       "file, idx folder or images file")
     parser.add_argument("--cache-dir", default=None, help="default: <source>-cache-<resolution> beside the source")
     parser.add_argument("--resolution", type=int, default=64)
-    args = parser.parse_args()
-    print(load_dataset(args.source, cache_dir=args.cache_dir, resolution=args.resolution))
+    parser.add_argument("--rebuild-cache", action="store_true",
+                        help="rebuild a complete cache, e.g. after images were added to the source")
+    args = parser.parse_args(argv)
+    try:
+        print(load_dataset(args.source, cache_dir=args.cache_dir, resolution=args.resolution,
+                           rebuild_cache=args.rebuild_cache))
+    except DataError as error:
+        print(f"dataset.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
