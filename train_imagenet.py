@@ -76,7 +76,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import unet
 from adversarial import build_discriminator, rpgan_d_objective, rpgan_g_objective
-from dataset import batch_indices, get_batch, load_dataset
+from dataset import DataError, batch_indices, get_batch, load_dataset
 from flowmap import as_velocity, guided_velocity
 from launch import (exit_worker, launch, mean_over_ranks, no_sync, rank0_first, setup_process, split_batch,
                     stop_requests)                  # exit_worker: for the tests' process-group workers
@@ -636,4 +636,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as error:                                      # a wrong data path or layout: one line
+        print(f"train_imagenet.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
