@@ -226,9 +226,9 @@ def _decode_file(path, resolution):
 
 @dataclass
 class SourceScan:
-    """The files a folder or npz source will be converted from, and what they mean."""
+    """The files a folder, npz or idx source will be converted from, and what they mean."""
     kind:        str            # "folder", "annotated" (Tiny-ImageNet val), "npz" or "idx"
-    files:       list           # the Paths to convert, in cache order
+    files:       list           # the file paths (str or Path) to convert, in cache order
     groups:      list           # per file: its class (folder or wnid) or batch file name, for the manifest
     class_names: list = None    # None: from the labels (idx)
     labels:      list = None    # per file, 0-based (image sources only)
@@ -257,7 +257,7 @@ def _scan_source(source):
 
 def _is_image_name(name):
     """By the name alone: hidden files (.DS_Store, macOS's ._x.jpg) and non-image suffixes are not."""
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def _scan_image_folder(source):
@@ -288,9 +288,10 @@ def _scan_image_folder(source):
             folders[:] = [folder for folder in folders if not folder.startswith(".")]
             for file_name in names:
                 if _is_image_name(file_name):
-                    found.append(Path(root, file_name))
+                    found.append(os.path.join(root, file_name))                 # str: a Path costs 10x more
                 else:
-                    not_images["hidden" if file_name.startswith(".") else Path(file_name).suffix.lower() or "no suffix"] += 1
+                    suffix = os.path.splitext(file_name)[1].lower()
+                    not_images["hidden" if file_name.startswith(".") else suffix or "no suffix"] += 1
         files += sorted(found)
         labels += [label] * len(found)
         empty += [name] * (not found)
@@ -364,11 +365,11 @@ def _find_npz_batches(source):
 
 def _manifest(source, scan):
     """Per group (class or batch file): files, bytes, a digest of (name, size) and one of mtimes."""
-    root = source if source.is_dir() else source.parent
+    prefix = len(str(source if source.is_dir() else source.parent)) + 1        # of every path below it
     rows = collections.defaultdict(list)
     for group, path in list(zip(scan.groups, scan.files)) + scan.extra:
-        stat = path.stat()
-        rows[group].append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+        stat = os.stat(path)
+        rows[group].append((str(path)[prefix:], stat.st_size, stat.st_mtime_ns))
     return {group: {"files": len(entries), "bytes": sum(size for _, size, _ in entries),
                     "names_and_sizes": _digest(f"{name}\t{size}" for name, size, _ in entries),
                     "mtimes": _digest(str(mtime) for _, _, mtime in entries)}
@@ -379,7 +380,7 @@ def _digest(lines):
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def _check_manifest(built, now, cache_dir, rebuild_hint):
+def _check_manifest(built, now, cache_dir, rebuild_hint, built_from):
     """Refuses a cache whose source gained, lost, renamed or resized files; warns on newer mtimes only
     (a copy without -p changes every mtime, so that alone is no proof of other pixels)."""
     added, removed = sorted(now.keys() - built.keys()), sorted(built.keys() - now.keys())
@@ -390,7 +391,7 @@ def _check_manifest(built, now, cache_dir, rebuild_hint):
         parts += [f"{g}: {built[g]['files']} files of {built[g]['bytes']} bytes when built, {now[g]['files']} of "
                   f"{now[g]['bytes']} now" for g in changed[:2]]
         parts += [f"{len(changed) - 2} more changed"] * (len(changed) > 2)
-        raise DataError(f"the cache {cache_dir} is stale, its source changed since it was built "
+        raise DataError(f"the cache {cache_dir} is stale: its source {built_from} changed since it was built "
                         f"({'; '.join(parts)}); {rebuild_hint}")
     touched = [g for g in common if built[g]["mtimes"] != now[g]["mtimes"]]
     if touched:
@@ -503,7 +504,7 @@ def _load_cache(cache_dir, resolution, manifest=None, rebuild_hint=None):
                         f"delete it to rebuild it") from error
     if manifest is not None:
         if "manifest" in meta:
-            _check_manifest(meta["manifest"], manifest, cache_dir, rebuild_hint)
+            _check_manifest(meta["manifest"], manifest, cache_dir, rebuild_hint, meta["source"])
         else:
             warnings.warn(f"the cache {cache_dir} has no manifest (built by an older version), so a change of "
                           f"its source goes unnoticed; {rebuild_hint}")
