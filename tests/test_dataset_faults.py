@@ -133,6 +133,20 @@ def test_npz_cache_is_checked_too(tmp_path):
         load_dataset(tmp_path / "batch_1.npz", resolution=R)
 
 
+def test_idx_cache_is_checked_too(tmp_path):
+    def write_idx(path, array):                         # header: 0x0000, uint8 (0x08), ndim, big-endian sizes
+        path.write_bytes(bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+                         + array.astype(np.uint8).tobytes())
+    source = tmp_path / "mnist"
+    source.mkdir()
+    write_idx(source / "a-images-idx3-ubyte", np.ones((2, 16, 16)))
+    write_idx(source / "a-labels-idx1-ubyte", np.array([0, 1]))
+    assert len(load_dataset(source, resolution=R)) == 2
+    write_idx(source / "a-labels-idx1-ubyte", np.array([0, 1, 1]))
+    with pytest.raises(DataError, match="stale.*a-labels-idx1-ubyte: 1 files of 10 bytes when built, 1 of 11"):
+        load_dataset(source, resolution=R)
+
+
 def test_a_cache_without_its_source_is_used(tmp_path):
     source = make_folder(tmp_path / "train")
     load_quietly(source)
@@ -287,7 +301,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch, failing):
 
 def test_bad_paths(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="neither a folder of class sub-folders nor an npz batch file"):
+    with pytest.raises(DataError, match="neither a folder of class sub-folders nor an npz batch or idx images file"):
         load_dataset(tmp_path / "notes.txt")
     (tmp_path / "only-text" / "n01").mkdir(parents=True)
     (tmp_path / "only-text" / "n01" / "a.txt").write_text("x")
