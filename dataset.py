@@ -368,8 +368,12 @@ def _manifest(source, scan):
     prefix = len(str(source if source.is_dir() else source.parent)) + 1        # of every path below it
     rows = collections.defaultdict(list)
     for group, path in list(zip(scan.groups, scan.files)) + scan.extra:
-        stat = os.stat(path)
-        rows[group].append((str(path)[prefix:], stat.st_size, stat.st_mtime_ns))
+        try:
+            stat = os.stat(path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:                                             # a broken link: decoding will name it
+            size, mtime = -1, 0
+        rows[group].append((str(path)[prefix:], size, mtime))
     return {group: {"files": len(entries), "bytes": sum(size for _, size, _ in entries),
                     "names_and_sizes": _digest(f"{name}\t{size}" for name, size, _ in entries),
                     "mtimes": _digest(str(mtime) for _, _, mtime in entries)}
@@ -413,7 +417,7 @@ def _cached_dataset(source, cache_dir, resolution, rebuild):
         warnings.warn(f"the dataset source {source} is gone; using its cache {cache_dir} without checking it")
         return _load_cache(cache_dir, resolution)
     scan = _scan_source(source)
-    if source.is_dir() and cache_dir.is_relative_to(source):
+    if scan.kind in ("folder", "annotated") and cache_dir.is_relative_to(source):
         raise DataError(f"the cache folder {cache_dir} lies inside the dataset source {source}, where it would "
                         f"be read as data; put it beside the source (the default) or elsewhere")
     manifest = _manifest(source, scan)
@@ -582,9 +586,13 @@ def _convert_npz(files, images_tmp, resolution):
     for path, count in zip(tqdm(files, desc="converting npz batches", unit="file"), counts):
         with np.load(path) as batch:
             data, batch_labels = batch["data"], np.asarray(batch["labels"], dtype=np.int64)
-        if data.shape != (count, 3 * resolution * resolution):
-            raise DataError(f"{path}: 'data' has shape {data.shape}, expected ({count}, {3 * resolution ** 2}) "
-                            f"for {resolution}x{resolution} images stored as flattened CHW")
+        if data.dtype != np.uint8 or data.shape != (count, 3 * resolution * resolution):
+            side = math.isqrt(data.shape[-1] // 3) if data.ndim == 2 else 0
+            hint = f"; these are {side}x{side} images: pass --resolution {side}" if 3 * side ** 2 == data.shape[-1] \
+                and side != resolution else ""
+            raise DataError(f"{path}: 'data' is {data.dtype} of shape {data.shape}, expected uint8 of shape "
+                            f"({count}, {3 * resolution ** 2}) for {resolution}x{resolution} images stored as "
+                            f"flattened CHW{hint}")
         if batch_labels.min() < 1 or batch_labels.max() > NPZ_NUM_CLASSES:
             raise DataError(f"{path}: labels must lie in 1..{NPZ_NUM_CLASSES}, found "
                             f"{batch_labels.min()}..{batch_labels.max()}")

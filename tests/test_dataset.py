@@ -211,8 +211,11 @@ def test_npz_errors(tmp_path):
     with pytest.raises(ValueError, match="1..1000"):
         load_dataset(tmp_path / "zero.npz")
     write_npz_batch(tmp_path / "small.npz", images[:, :32, :32], [1, 2])
-    with pytest.raises(ValueError, match="small.npz"):
+    with pytest.raises(ValueError, match="small.npz.*32x32 images: pass --resolution 32"):
         load_dataset(tmp_path / "small.npz")
+    np.savez(tmp_path / "float.npz", data=np.zeros((2, 3 * 64 * 64)), labels=[1, 2])
+    with pytest.raises(ValueError, match="'data' is float64"):                   # not cast to uint8 silently
+        load_dataset(tmp_path / "float.npz")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -218,6 +218,13 @@ def test_non_image_files_are_counted_once(tmp_path):
     assert len([m for m in messages if "unreadable" in m]) == 1
 
 
+def test_broken_link_is_an_unreadable_image(tmp_path):
+    source = make_folder(tmp_path / "train")
+    (source / "n01000000" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    ds, messages = load_quietly(source)
+    assert len(ds) == 12 and any("unreadable image" in m and "gone.png" in m for m in messages)
+
+
 def test_cache_inside_the_source_is_refused(tmp_path):
     source = make_folder(tmp_path / "train")
     with pytest.raises(DataError, match="inside the dataset source"):
