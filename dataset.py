@@ -238,6 +238,17 @@ class SourceScan:
 
 def _scan_source(source):
     """SourceScan of an image folder, a Tiny-ImageNet val folder, npz batches or idx files; DataError otherwise."""
+    try:
+        return _scan_readable_source(source)
+    except OSError as error:                                        # no permission, a symbolic link loop
+        raise DataError(f"cannot read {error.filename} ({error.strerror}) in the dataset source {source}") from error
+
+
+def _raise(error):                                                  # for os.walk, which would skip the folder silently
+    raise error
+
+
+def _scan_readable_source(source):
     if not source.exists():
         raise DataError(f"dataset source not found: {source} (expected an ImageNet train folder, npz batches, "
                         f"MNIST idx files or 'synthetic')")
@@ -278,13 +289,10 @@ def _scan_image_folder(source):
                         f"at the folder whose sub-folders are the classes (Tiny-ImageNet: train/, or val/ "
                         f"with its val_annotations.txt)")
 
-    def unreadable(error):
-        raise DataError(f"cannot read {error.filename} ({error.strerror}) in the dataset source {source}")
-
     files, labels, empty, not_images = [], [], [], collections.Counter()
     for label, name in enumerate(class_names):
         found = []
-        for root, folders, names in os.walk(source / name, onerror=unreadable, followlinks=True):
+        for root, folders, names in os.walk(source / name, onerror=_raise, followlinks=True):
             folders[:] = [folder for folder in folders if not folder.startswith(".")]
             for file_name in names:
                 if _is_image_name(file_name):
