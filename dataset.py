@@ -453,11 +453,12 @@ def _cache_lock(cache_dir, exclusive):
         if exclusive:
             raise DataError(f"cannot write the cache folder {cache_dir} ({error.strerror}); pass --cache-dir "
                             f"to put it elsewhere") from error
-        lock = None                                                 # a read-only cache: nobody builds it
-    with lock or contextlib.nullcontext():
+        yield                                                       # a read-only cache: nobody builds it
+        return
+    with lock:
         operation = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
-            lock and fcntl.flock(lock, operation | fcntl.LOCK_NB)
+            fcntl.flock(lock, operation | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"waiting for another process that holds the cache {cache_dir} (building it takes as long as "
                   f"preprocessing)", file=sys.stderr, flush=True)
