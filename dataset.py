@@ -60,6 +60,7 @@ import os
 import re
 import shutil
 import sys
+import tarfile
 import uuid
 import warnings
 import zipfile
@@ -120,6 +121,8 @@ def load_dataset(source, cache_dir=None, resolution=64, max_images=None, seed=0,
         source = Path(source).expanduser().resolve()
         cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else \
             source.parent / f"{source.name}-cache-{resolution}"
+        if (source / "dataset.json").is_file():                     # a cache given as the source: use it
+            source, cache_dir = Path(_read_meta(source)["source"]), source
         ds = _cached_dataset(source, cache_dir, resolution, rebuild_cache)
     if max_images is not None:
         ds = ImageDataset(ds.images[:max_images], ds.labels[:max_images], ds.class_names)
@@ -208,7 +211,7 @@ def to_rgb(image):
 
 
 def _decode_file(path, resolution):
-    """Runs in a worker: returns (image, None), or (None, reason) for a file that cannot be decoded.
+    """Runs in a worker: returns (image, short side), or (None, reason) for a file that cannot be decoded.
 
     PIL identifies the format from the content, so ImageNet's PNG named .JPEG decodes as a PNG. Any
     failure is returned rather than raised, because one bad file must not end an hour of
@@ -216,7 +219,7 @@ def _decode_file(path, resolution):
     """
     try:
         with Image.open(path) as image:
-            return preprocess_image(to_rgb(image), resolution), None
+            return preprocess_image(to_rgb(image), resolution), min(image.size)
     except Exception as error:
         return None, f"{type(error).__name__}: {error}"
 
@@ -259,6 +262,9 @@ def _scan_readable_source(source):
     if npz_files:
         return SourceScan("npz", npz_files, [path.name for path in npz_files],
                           [f"class{k}" for k in range(NPZ_NUM_CLASSES)])
+    if source.is_file() and (tarfile.is_tarfile(source) or zipfile.is_zipfile(source)):
+        raise DataError(f"{source} is an archive, not npz batches with 'data' and 'labels' arrays; extract it "
+                        f"and pass the folder it holds")
     if not source.is_dir():
         raise DataError(f"{source} is neither a folder of class sub-folders nor an npz batch or idx images file")
     if (source / "val_annotations.txt").is_file() and (source / "images").is_dir():
@@ -508,8 +514,8 @@ def _build_cache(source, cache_dir, resolution, scan, manifest):
 def _load_cache(cache_dir, resolution, manifest=None, rebuild_hint=None):
     """Memory-maps a complete cache, checking that it holds what was asked for and, given the
     source's manifest now, that the source has not changed since the cache was built."""
+    meta = _read_meta(cache_dir)
     try:
-        meta = json.loads((cache_dir / "dataset.json").read_text())
         images = np.load(cache_dir / "images.npy", mmap_mode="r")      # (M, R, R, 3) uint8, not read
         labels = np.load(cache_dir / "labels.npy")                      # (N,) int64, N <= M
     except (OSError, ValueError) as error:
@@ -532,6 +538,14 @@ def _load_cache(cache_dir, resolution, manifest=None, rebuild_hint=None):
     return ImageDataset(images[:len(labels)], labels, meta["class_names"])
 
 
+def _read_meta(cache_dir):
+    try:
+        return json.loads((cache_dir / "dataset.json").read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"the cache in {cache_dir} is unreadable ({type(error).__name__}: {error}); "
+                        f"delete it to rebuild it") from error
+
+
 def _convert_images(files, file_labels, images_tmp, resolution):
     """Decodes every file in parallel into images_tmp; returns (labels (N,) int64, skipped file names).
 
@@ -539,23 +553,27 @@ def _convert_images(files, file_labels, images_tmp, resolution):
     files that do not stay unused at the end (the loader takes the first N).
     """
     rows = _create_images(images_tmp, len(files), resolution)
-    labels, skipped = [], []
+    labels, skipped, upsampled = [], [], 0
     decode = functools.partial(_decode_file, resolution=resolution)
     with Pool() as pool:
         results = pool.imap(decode, files, chunksize=64)
-        for path, label, (image, error) in tqdm(zip(files, file_labels, results), total=len(files),
-                                                 desc="preprocessing", unit="img"):
-            if error is not None:
-                warnings.warn(f"skipping unreadable image {path} ({error})")
+        for path, label, (image, side_or_error) in tqdm(zip(files, file_labels, results), total=len(files),
+                                                         desc="preprocessing", unit="img"):
+            if image is None:
+                warnings.warn(f"skipping unreadable image {path} ({side_or_error})")
                 skipped.append(str(path))
                 continue
             rows[len(labels)] = image
             labels.append(label)
+            upsampled += side_or_error < resolution
     if not labels:
         raise DataError(f"none of the {len(files)} image files could be decoded (first: {files[0]})")
     rows.flush()
     if skipped:
         warnings.warn(f"skipped {len(skipped)} of {len(files)} image files that could not be decoded")
+    if upsampled:      # e.g. 32x32 CIFAR at --resolution 64: blurry training data, probably not meant
+        warnings.warn(f"upsampled {upsampled} of {len(labels)} images whose short side is below {resolution} "
+                      f"pixels; for such data pass a smaller --resolution")
     return np.array(labels, dtype=np.int64), skipped
 
 

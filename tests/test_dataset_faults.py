@@ -225,6 +225,25 @@ def test_broken_link_is_an_unreadable_image(tmp_path):
     assert len(ds) == 12 and any("unreadable image" in m and "gone.png" in m for m in messages)
 
 
+def test_small_images_are_upsampled_with_a_warning(tmp_path):
+    source = make_folder(tmp_path / "train")                                    # 24..27 x 20 pixels
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load_dataset(source, resolution=32)
+    assert any("upsampled 12 of 12 images whose short side is below 32" in str(w.message) for w in record)
+    assert not any("upsampled" in m for m in load_quietly(source)[1])         # R = 16: none
+
+
+def test_a_cache_given_as_the_source(tmp_path):
+    source = make_folder(tmp_path / "train")
+    built, _ = load_quietly(source)
+    ds, messages = load_quietly(tmp_path / "train-cache-16")
+    np.testing.assert_array_equal(ds.images, built.images)
+    Image.new("RGB", (30, 30)).save(source / "n01000000" / "added.png")
+    with pytest.raises(DataError, match="stale"):                              # still checked against its source
+        load_dataset(tmp_path / "train-cache-16", resolution=R)
+
+
 def test_cache_inside_the_source_is_refused(tmp_path):
     source = make_folder(tmp_path / "train")
     with pytest.raises(DataError, match="inside the dataset source"):
@@ -310,6 +329,9 @@ def test_bad_paths(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="neither a folder of class sub-folders nor an npz batch or idx images file"):
         load_dataset(tmp_path / "notes.txt")
+    shutil.make_archive(str(tmp_path / "train"), "gztar", root_dir=make_folder(tmp_path / "train"))
+    with pytest.raises(DataError, match="is an archive.*extract it"):
+        load_dataset(tmp_path / "train.tar.gz")
     (tmp_path / "only-text" / "n01").mkdir(parents=True)
     (tmp_path / "only-text" / "n01" / "a.txt").write_text("x")
     with pytest.raises(DataError, match=r"no image files under the 1 class folders .*\(skipped 1 files"):
