@@ -75,7 +75,9 @@ from PIL import Image
 from tqdm import tqdm
 
 NPZ_NUM_CLASSES = 1000      # the downsampled-ImageNet npz batches always label 1..1000
-IMAGE_SUFFIXES = {suffix for suffix, format in Image.registered_extensions().items() if format in Image.OPEN}
+NOT_DECODED = {"BUFR", "GRIB", "HDF5", "MPEG", "WMF"}   # PIL names these formats but cannot read their pixels
+IMAGE_SUFFIXES = {suffix for suffix, format in Image.registered_extensions().items()
+                  if format in Image.OPEN and format not in NOT_DECODED}
 LAYOUT_FOLDERS = {"images", "imgs", "train", "training", "val", "valid", "validation", "test", "testing"}
 
 
