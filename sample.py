@@ -42,6 +42,7 @@ import argparse
 import functools
 import math
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -55,7 +56,7 @@ from tqdm import tqdm
 
 import fid
 import train_imagenet as ti
-from dataset import load_dataset
+from dataset import DataError, load_dataset
 from flowmap import as_velocity, guided_velocity, sample_flow_map, sample_gamma, sample_ode
 from launch import launch, setup_process, under_torchrun
 
@@ -458,4 +459,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as error:                                      # a wrong --ref-data: one line
+        print(f"sample.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
