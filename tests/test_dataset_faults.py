@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -49,20 +50,18 @@ def load_quietly(source, **kwargs):
 # Concurrent builds.
 
 CHILD = textwrap.dedent("""
-    import os, sys, time
+    import sys, time
     from pathlib import Path
     import dataset
-    source, flag, role = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-    if role == "first":                             # hold the lock a while, once it is taken
+    source, flag, release = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    if sys.argv[4] == "first":                      # hold the lock, once taken, until the test releases it
         create = dataset._create_images
-        def slow_create(*args):
+        def held_create(*args):
             flag.write_text("building")
-            time.sleep(2)
+            while not release.exists():
+                time.sleep(0.05)
             return create(*args)
-        dataset._create_images = slow_create
-    else:                                           # start only once the first one is building
-        while not flag.exists():
-            time.sleep(0.05)
+        dataset._create_images = held_create
     ds = dataset.load_dataset(source, resolution=16)
     print(len(ds), int(ds.images.min()), int(ds.images.max()))
 """)
@@ -70,15 +69,20 @@ CHILD = textwrap.dedent("""
 
 def test_two_processes_building_one_cache(tmp_path):
     source = make_folder(tmp_path / "train", per_class=30)
-    flag = tmp_path / "flag"
+    flag, release = tmp_path / "flag", tmp_path / "release"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    run = lambda role: subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(flag), role], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first, second = run("first"), run("second")
+    run = lambda role: subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(flag), str(release), role],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = run("first")
+    while not flag.exists() and first.poll() is None:                         # the first one holds the lock
+        time.sleep(0.05)
+    second = run("second")
+    waiting = second.stderr.readline()                                          # blocks until it says something
+    release.write_text("go")
     (out1, err1), (out2, err2) = first.communicate(timeout=300), second.communicate(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, err1 + err2
-    assert "waiting for another process" in err2                # the second one waited for the lock
-    assert out1 == out2 == "90 30 220\n"                         # nobody saw black (0) rows
+    assert "waiting for another process" in waiting                             # the second one waited for it
+    assert out1 == out2 == "90 30 220\n"                                        # nobody saw black (0) rows
     ds, _ = load_quietly(source)
     assert (ds.images == expected_colors(ds)).all()
     assert sorted(p.name for p in (tmp_path / "train-cache-16").iterdir()) == \
