@@ -88,17 +88,22 @@ def test_flow_map_sampler_is_exact_at_every_step_count(steps):
     torch.testing.assert_close(x, gaussian_phi(z, ones, 0 * ones, MU, C), rtol=0, atol=1e-10)
 
 
+@pytest.mark.ex_gamma
 @pytest.mark.parametrize("steps", [1, 3, 8])
 def test_gamma_sampler_endpoints(steps):
     z = torch.randn(64, 3, generator=torch.Generator().manual_seed(4))
     net = exact_net()
     torch.testing.assert_close(flowmap.sample_gamma(net, z, steps, 0.0, noise=seeded_noise(5)),
-                               flowmap.sample_flow_map(net, z, steps), rtol=0, atol=1e-12)
+                               flowmap.sample_flow_map(net, z, steps), rtol=0, atol=1e-12, msg=lambda m: (
+        "gamma = 0 must be the deterministic flow-map sampler: s' = s and no noise added\n" + m))
     torch.testing.assert_close(flowmap.sample_gamma(net, z, steps, 1.0, noise=seeded_noise(5)),
                                flowmap.sample_consistency(net, z, steps, noise=seeded_noise(5)),
-                               rtol=0, atol=1e-12)
+                               rtol=0, atol=1e-12, msg=lambda m: (
+        "gamma = 1 must be consistency sampling: jump to s' = 0, then re-noise to s with all-fresh noise, "
+        "one noise draw per step except the last\n" + m))
 
 
+@pytest.mark.ex_gamma
 @pytest.mark.parametrize("gamma", [0.5, 0.9])
 def test_gamma_sampler_preserves_marginals(gamma):
     """With the exact map every gamma lands on N(mu, c^2): the jump to s' and the re-noising keep
@@ -107,8 +112,13 @@ def test_gamma_sampler_preserves_marginals(gamma):
     net = GaussianFlowMap(mu, torch.tensor(math.log(c)))
     z = torch.randn(n, 1, generator=torch.Generator().manual_seed(6))
     x = flowmap.sample_gamma(net, z, 4, gamma, noise=seeded_noise(7))
-    assert abs(x.mean().item() - 0.4) < 5 * c / n ** 0.5
-    assert abs(x.std().item() / c - 1) < 0.01
+    assert abs(x.mean().item() - 0.4) < 5 * c / n ** 0.5, (
+        f"gamma = {gamma}: samples of N(0.4, 0.5^2) data have mean {x.mean().item():.4f}: the rescaling after "
+        "the jump must turn the data coefficient (1 - s') of time s' into the (1 - s) of time s")
+    assert abs(x.std().item() / c - 1) < 0.01, (
+        f"gamma = {gamma}: samples have std {x.std().item():.4f}, the data {c}: the marginal of each x_s must "
+        "be kept, so the noise left after the jump to s' (rescaled) plus the added gamma s z must total "
+        "variance s^2; check s'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +188,7 @@ def test_ode_samplers_converge_to_rk4_on_mixture():
 # ----------------------------------------------------------------------------------------------
 # Guided velocity (Autoguidance).
 
+@pytest.mark.ex_guidance
 def test_guided_velocity():
     g = torch.Generator().manual_seed(12)
     x, t = torch.randn(8, 3, generator=g), torch.rand(8, generator=g)
@@ -189,24 +200,27 @@ def test_guided_velocity():
 
     v = main(x, t)
     for lam in (None, 1.0, 1, torch.ones(8), torch.tensor(1.0)):
-        assert torch.equal(flowmap.guided_velocity(main, never, x, t, lam=lam), v)
-    with pytest.raises(ValueError):
+        assert torch.equal(flowmap.guided_velocity(main, never, x, t, lam=lam), v), (
+            f"lam = {lam!r} must return the teacher's velocity itself")
+    with pytest.raises(ValueError):                                             # lam != 1 without a weak model
         flowmap.guided_velocity(main, None, x, t, lam=2.0)
     lam = torch.linspace(1.0, 3.0, 8)
     expect = torch.stack([l * v[i] + (1 - l) * weak(x, t)[i] for i, l in enumerate(lam)])
-    torch.testing.assert_close(flowmap.guided_velocity(main, weak, x, t, lam=lam), expect)
+    torch.testing.assert_close(flowmap.guided_velocity(main, weak, x, t, lam=lam), expect, msg=lambda m: (
+        "per-sample lam: sample i extrapolates from the weak model towards the teacher with its own lam[i]\n" + m))
     torch.testing.assert_close(flowmap.guided_velocity(main, weak, x, t, lam=1.7),
-                               1.7 * v - 0.7 * weak(x, t))
+                               1.7 * v - 0.7 * weak(x, t), msg=lambda m: (
+        "lam = 1.7: guidance extrapolates from the weak model through the teacher (Autoguidance Eq. 1)\n" + m))
 
 
 # ----------------------------------------------------------------------------------------------
 # AYF Theorem 3.1: multistep consistency sampling compounds errors, flow maps do not.
 #
-# Data N(0, c^2), c = 0.5, 1D. A linear CM f(x, t) = k(t) x maps N(0, var) to N(0, k^2 var), and
-# re-noising to t' gives var' = (1 - t')^2 k^2 var + t'^2; so an N-step sample is N(0, sigma_N^2)
-# with sigma_N from a scalar recursion, and W2 to the data is |sigma_N - c|. The optimal CM is
-# k*(t) = c / sd_t. Perturbing it by delta x_t (f = f* + delta x_t, as close as we like for small
-# delta) gives a 1-step error that a second step partly repairs, after which re-noising compounds it.
+# Data N(0, c^2), c = 0.5, 1D, and consistency models that are linear, f(x, t) = k(t) x. An N-step
+# sample is then Gaussian, N(0, sigma_N^2), and its W2 to the data is |sigma_N - c|; cm_sample_std
+# computes sigma_N (course exercise 5). The optimal CM is k*(t) = c / sd_t. Perturbing it by delta x_t
+# (f = f* + delta x_t, as close as we like for small delta) gives a 1-step error that a second step
+# partly repairs, after which re-noising compounds it.
 
 THM_C = 0.5
 
@@ -223,7 +237,10 @@ CMS = {
 
 
 def cm_sample_std(k, steps):
-    """sigma_N of consistency multistep sampling (uniform grid 1 -> 0) with f(x, t) = k(t) x."""
+    """sigma_N of consistency multistep sampling (uniform grid 1 -> 0) with f(x, t) = k(t) x.
+
+    x0_hat = k x maps N(0, var) to N(0, k^2 var); re-noising to t' gives var' = (1 - t')^2 k^2 var + t'^2.
+    """
     grid = [1 - i / steps for i in range(steps + 1)]
     var = 1.0
     for t, t_next in zip(grid[:-1], grid[1:]):
@@ -247,25 +264,33 @@ class LinearCM(torch.nn.Module):
 STEPS = [1, 2, 4, 8, 16]
 
 
+@pytest.mark.ex_theorem
 def test_optimal_cm_and_optimal_flow_map_are_exact_at_every_step_count():
     net = GaussianFlowMap(torch.zeros(1), torch.tensor(math.log(THM_C)))
     for steps in STEPS:
-        assert abs(cm_sample_std(lambda t: CMS["optimal"](t, 0.0), steps) - THM_C) < 1e-12
+        sigma = cm_sample_std(lambda t: CMS["optimal"](t, 0.0), steps)
+        assert abs(sigma - THM_C) < 1e-12, (
+            f"the optimal CM sampled in {steps} steps should give the data's std {THM_C}, the recursion gives "
+            f"{sigma}: each step maps x_t to x0_hat exactly, and re-noising gives x_t' the marginal of t'")
         # The flow-map sampler is linear in z here: its output for z = 1 is sigma_N.
         sigma = flowmap.sample_flow_map(net, torch.ones(1, 1), steps).item()
         assert abs(sigma - THM_C) < 1e-12
 
 
+@pytest.mark.ex_theorem
 @pytest.mark.parametrize("delta", [0.05, 0.01, 0.001])
 @pytest.mark.parametrize("name", ["additive", "scaled"])
 def test_perturbed_cm_gets_worse_with_more_steps(name, delta):
     w2 = [abs(cm_sample_std(lambda t: CMS[name](t, delta), n) - THM_C) for n in STEPS]
-    assert w2[-1] > 2 * min(w2)                                                 # 16 steps: far from best
-    assert all(a < b for a, b in zip(w2[1:], w2[2:]))                           # worse with every doubling
-    if name == "additive":
-        assert min(w2) == w2[1]                                                 # the paper's toy: 2 steps is best
+    table = ", ".join(f"{n} steps {w:.2e}" for n, w in zip(STEPS, w2))
+    assert w2[-1] > 2 * min(w2), f"{name} perturbation {delta}: 16 steps should be far from the best ({table})"
+    assert all(a < b for a, b in zip(w2[1:], w2[2:])), (
+        f"{name} perturbation {delta}: W2 should grow with every doubling from 2 steps on ({table})")
+    if name == "additive":                                                      # the paper's toy: 2 steps is best
+        assert min(w2) == w2[1], f"additive perturbation {delta}: 2 steps should be best ({table})"
 
 
+@pytest.mark.ex_theorem
 @pytest.mark.parametrize("steps", [1, 2, 16])
 def test_cm_recursion_matches_sampler(steps):
     """The closed-form recursion against flowmap.sample_consistency on 200k samples."""
@@ -273,4 +298,7 @@ def test_cm_recursion_matches_sampler(steps):
     k = lambda t: CMS["additive"](t, delta)
     z = torch.randn(200_000, 1, generator=torch.Generator().manual_seed(13))
     x = flowmap.sample_consistency(LinearCM(k), z, steps, noise=seeded_noise(14))
-    assert abs(x.std().item() / cm_sample_std(k, steps) - 1) < 0.01
+    sigma = cm_sample_std(k, steps)
+    assert abs(x.std().item() / sigma - 1) < 0.01, (
+        f"{steps} steps: the consistency sampler's samples have std {x.std().item():.4f}, the recursion says "
+        f"{sigma:.4f}: check what x0_hat = k x does to the variance and what re-noising adds")

@@ -50,8 +50,29 @@ def batch(n, seed, dtype=torch.float64, s_zero=False):
 
 
 def grad_of(loss, net):
-    """Flattened gradient of a scalar loss w.r.t. all of net's parameters."""
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(net.parameters()))])
+    """Flattened gradient of a scalar loss w.r.t. all of net's parameters. A loss cut off from the
+    network (a stub returning a constant, or a graph lost on the way) fails with a message about the
+    objective rather than autograd's internal error."""
+    names, params = zip(*net.named_parameters())
+    if not loss.requires_grad:
+        raise AssertionError("your loss has no gradient with respect to the network: it must contain "
+                             "F_theta = net(x_t, t, s) with its graph (only the target is stop-gradient)")
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    unused = [n for n, g in zip(names, grads) if g is None]
+    if unused:
+        raise AssertionError(f"your loss has no gradient with respect to the network's {', '.join(unused)}: "
+                             "it must contain F_theta = net(x_t, t, s) with its graph")
+    return torch.cat([g.flatten() for g in grads])
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# Each course exercise (README, `python -m exercises`) runs the tests marked with its marker.
+KINDS = [pytest.param("emd", marks=pytest.mark.ex_emd), pytest.param("lmd", marks=pytest.mark.ex_lmd)]
+FIXED_POINT = {"emd": "its end point does not move as x_t moves along the ODE",
+               "lmd": "its end point moves with the ODE as s changes"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,15 +123,18 @@ def surrogate(kind, net, x_t, t, s, c):
 
 
 @pytest.mark.parametrize("c", [0.1, None])
-@pytest.mark.parametrize("kind", ["emd", "lmd"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gradient_vanishes_at_the_exact_flow_map(kind, c):
     net = gaussian_student(THETA_STAR)
     x_t, t, s = batch(128, seed=2)
-    assert grad_of(surrogate(kind, net, x_t, t, s, c).sum(), net).abs().max() < 1e-10
+    largest = grad_of(surrogate(kind, net, x_t, t, s, c).sum(), net).abs().max().item()
+    assert largest < 1e-10, (
+        f"{kind.upper()} gradient at the exact flow map is {largest:.2e}, not 0: the exact map is a fixed "
+        f"point ({FIXED_POINT[kind]}), so the target must equal F^- there; check for a term that does not vanish")
 
 
 @pytest.mark.parametrize("c", [0.1, None])
-@pytest.mark.parametrize("kind", ["emd", "lmd"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_descent_moves_a_perturbed_student_toward_the_truth(kind, c):
     """At theta = theta* + delta, the summed gradient has positive cosine with delta (so -grad has a
     component toward theta*), for random and coordinate-aligned perturbations of either sign."""
@@ -121,7 +145,11 @@ def test_descent_moves_a_perturbed_student_toward_the_truth(kind, c):
     for delta in deltas:
         net = gaussian_student(THETA_STAR + delta)
         grad = grad_of(surrogate(kind, net, x_t, t, s, c).sum(), net)
-        assert torch.nn.functional.cosine_similarity(grad, delta, dim=0) > 0.1
+        cosine = torch.nn.functional.cosine_similarity(grad, delta, dim=0).item()
+        assert cosine > 0.1, (
+            f"{kind.upper()} on a student perturbed from the exact map by {[round(d, 3) for d in delta.tolist()]}: "
+            f"gradient descent does not lead back (cosine of the gradient with the perturbation {cosine:.2f}, "
+            "should be > 0.1). Check the sign of the target")
 
 
 class GaussianCM(torch.nn.Module):
@@ -142,22 +170,27 @@ class GaussianCM(torch.nn.Module):
         return (x - f) / t
 
 
+@pytest.mark.ex_emd
 @pytest.mark.parametrize("c", [0.1, None])
 def test_emd_at_s_zero_is_the_consistency_objective(c):
     """emd_loss with s = 0 has zero gradient at the exact CM, and a perturbed CM is pulled back."""
     x_t, t, s = batch(128, seed=5, s_zero=True)
     net = GaussianCM(MU, THETA_STAR[3])
-    assert grad_of(losses.emd_loss(net, teacher, x_t, t, s, r=1.0, c=c).sum(), net).abs().max() < 1e-10
+    largest = grad_of(losses.emd_loss(net, teacher, x_t, t, s, r=1.0, c=c).sum(), net).abs().max().item()
+    assert largest < 1e-10, (f"EMD with s = 0 has gradient {largest:.2e} at the exact consistency model, not 0: "
+                             "with s = 0 the (s - t) factors become -t; check the terms of df/dt")
     delta = torch.tensor([0.03, -0.02, 0.04, -0.05], **f64)
     net = GaussianCM(MU + delta[:3], THETA_STAR[3] + delta[3])
     grad = grad_of(losses.emd_loss(net, teacher, x_t, t, s, r=1.0, c=c).sum(), net)
-    assert torch.nn.functional.cosine_similarity(grad, delta, dim=0) > 0.1
+    cosine = torch.nn.functional.cosine_similarity(grad, delta, dim=0).item()
+    assert cosine > 0.1, (f"EMD with s = 0 does not pull a perturbed consistency model back (cosine {cosine:.2f}): "
+                          "check the sign of the target")
 
 
 # ----------------------------------------------------------------------------------------------
 # s = t: both objectives reduce to flow-matching distillation.
 
-@pytest.mark.parametrize("kind", ["emd", "lmd"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_objectives_at_s_equal_t_are_flow_matching(kind):
     net = MLP(seed=6)
     x_t, t, _ = batch(32, seed=6)
@@ -166,7 +199,10 @@ def test_objectives_at_s_equal_t_are_flow_matching(kind):
     else:
         loss = losses.lmd_loss(net, teacher, x_t, t, t, c=None)
     fm = (net(x_t, t, t) - teacher(x_t, t)).square().mean(dim=1)
-    torch.testing.assert_close(grad_of(loss.sum(), net), grad_of(fm.sum(), net), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        grad_of(loss.sum(), net), grad_of(fm.sum(), net), rtol=1e-12, atol=1e-14,
+        msg=lambda m: f"{kind.upper()} at s = t (c = None) must give exactly the flow-matching gradient of "
+                      "||F - v||^2: check what is left of your target when s = t, and its sign.\n" + m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +227,7 @@ def lmd_discrete(net, x_t, t, s, eps):
     return (flowmap.flow_map(net, x_t, t, s) - target).square().sum()
 
 
-@pytest.mark.parametrize("kind", ["emd", "lmd"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_surrogate_gradient_is_the_limit_of_the_discrete_objective(kind):
     net = MLP(seed=7)
     x_t, t, s = batch(16, seed=7)
@@ -201,12 +237,20 @@ def test_surrogate_gradient_is_the_limit_of_the_discrete_objective(kind):
     errors = []
     for eps in (1e-3, 1e-4, 1e-5):
         g = grad_of(discrete(net, x_t, t, s, eps), net) / eps
-        errors.append(((g - limit).norm() / limit.norm()).item())
-    assert errors[-1] < 1e-4
-    for coarse, fine in zip(errors, errors[1:]):
-        assert 5 < coarse / fine < 20                                         # O(eps): same sign and factor
+        errors.append(rel(g, limit))
+    hint = ("check the JVP's tangent, the (s - t) factors, and which terms are stop-gradient" if kind == "emd" else
+            "check the derivative in s (the JVP's tangent and its factor), where the teacher is evaluated, "
+            "and the sign")
+    assert errors[-1] < 1e-4, (
+        f"{kind.upper()} gradient (times (t - s)^2 D) differs from the eps -> 0 limit of the discrete objective "
+        f"by {errors[-1]:.3g} (relative; eps = 1e-3, 1e-4, 1e-5 give {', '.join(f'{e:.2g}' for e in errors)}): {hint}")
+    for coarse, fine in zip(errors, errors[1:]):                              # O(eps): same sign and factor
+        assert 5 < coarse / fine < 20, (f"{kind.upper()}: the distance to the discrete gradient should shrink like "
+                                        f"eps, got {', '.join(f'{e:.2g}' for e in errors)} for eps = 1e-3, 1e-4, 1e-5")
 
 
+@pytest.mark.ex_emd
+@pytest.mark.ex_lmd
 def test_fd_jvp_inside_the_losses():
     """The finite-difference JVP gives the same loss gradients as forward-mode AD."""
     net = MLP(seed=8)
@@ -214,7 +258,9 @@ def test_fd_jvp_inside_the_losses():
     for loss in (losses.emd_loss, losses.lmd_loss):
         exact = grad_of(loss(net, teacher, x_t, t, s, jvp_method="exact").sum(), net)
         fd = grad_of(loss(net, teacher, x_t, t, s, jvp_method="fd").sum(), net)
-        assert ((fd - exact).norm() / exact.norm()).item() < 1e-5                 # O(h^2), h = 1e-3
+        assert rel(fd, exact) < 1e-5, (                                         # O(h^2), h = 1e-3
+            f"{loss.__name__} with jvp_method='fd' differs from 'exact' by {rel(fd, exact):.2g}: compute the "
+            "JVP with jvp.value_and_jvp(..., method=jvp_method), the same pass as F_theta")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,29 +328,47 @@ def test_adaptive_weight():
 # ----------------------------------------------------------------------------------------------
 # RpGAN with R1 / R2.
 
+@pytest.mark.ex_adversarial
 def test_rpgan_signs_and_form():
-    d_real = torch.linspace(-2, 2, 9, requires_grad=True)
-    d_fake = torch.linspace(1, -1, 9, requires_grad=True)
+    """The pairing loss is the logistic loss of the score difference u = D(fake) - D(real): it depends
+    on u only, equals log 2 at u = 0, and solves dL/du = 1 - exp(-L) (which pins it down)."""
+    d_real = torch.linspace(-2, 2, 9, dtype=torch.float64, requires_grad=True)
+    d_fake = torch.linspace(1, -1, 9, dtype=torch.float64, requires_grad=True)
     d_loss, g_loss = losses.rpgan_d_loss(d_real, d_fake), losses.rpgan_g_loss(d_real, d_fake)
-    torch.testing.assert_close(d_loss, torch.log1p(torch.exp(d_fake - d_real)))
-    torch.testing.assert_close(g_loss, torch.log1p(torch.exp(d_real - d_fake)))
+    torch.testing.assert_close(losses.rpgan_d_loss(d_real + 3, d_fake + 3), d_loss, msg=lambda m: (
+        "the RpGAN loss must depend on the paired scores only through D(fake) - D(real) (relativistic)\n" + m))
+    zero = losses.rpgan_d_loss(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    assert abs(zero.item() - math.log(2)) < 1e-12, (
+        f"the RpGAN loss of a tie D(real) = D(fake) is {zero.item():.4f}, not log 2: it is the logistic loss "
+        "-log sigmoid(D(real) - D(fake)) of 'real outscores fake'")
     gr, gf = torch.autograd.grad(d_loss.sum(), (d_real, d_fake))
-    assert bool((gr < 0).all() and (gf > 0).all())                            # D: raise real, lower fake
+    torch.testing.assert_close(gf, 1 - torch.exp(-d_loss.detach()), msg=lambda m: (
+        "the RpGAN loss L(u), u = D(fake) - D(real), must satisfy dL/du = 1 - exp(-L) (the logistic loss): "
+        "check its form\n" + m))
+    assert bool((gr < 0).all() and (gf > 0).all()), "the D loss must fall as D(real) rises and D(fake) falls"
+    torch.testing.assert_close(g_loss, losses.rpgan_d_loss(d_fake, d_real), msg=lambda m: (
+        "the generator's loss is the discriminator's with the roles of real and fake swapped\n" + m))
     gr, gf = torch.autograd.grad(g_loss.sum(), (d_real, d_fake))
-    assert bool((gr > 0).all() and (gf < 0).all())                            # G: the reverse
+    assert bool((gr > 0).all() and (gf < 0).all()), "the G loss must fall as D(fake) rises above D(real)"
 
 
+@pytest.mark.ex_adversarial
 def test_grad_penalty_linear_and_quadratic():
     g = torch.Generator().manual_seed(13)
     x = torch.randn(8, 2, 3, generator=g)
     w = torch.randn(6, generator=g, requires_grad=True)
     linear = lambda x: x.flatten(1) @ w                                        # grad_x D = w
     penalty = losses.grad_penalty(linear, x)
-    torch.testing.assert_close(penalty, w.square().sum().expand(8))
+    torch.testing.assert_close(penalty, w.square().sum().expand(8), msg=lambda m: (
+        "R1/R2 of a linear D(x) = w.x must be ||grad_x D||^2 = ||w||^2 for every sample (per-sample squared "
+        "norm of the gradient with respect to the input, summed over its dimensions)\n" + m))
     # The penalty is differentiable in D's weights (R1 trains D): d ||w||^2 / dw = 2 w.
+    assert penalty.requires_grad, ("the penalty has no gradient with respect to D's weights: take grad_x D "
+                                   "with create_graph=True so that R1/R2 can train D")
     (dw,) = torch.autograd.grad(penalty.mean(), w)
-    torch.testing.assert_close(dw, 2 * w.detach())
+    torch.testing.assert_close(dw, 2 * w.detach(), msg=lambda m: "d ||w||^2 / dw must be 2 w\n" + m)
     A = torch.randn(6, 6, generator=g)
     quadratic = lambda x: torch.einsum("ni,ij,nj->n", x.flatten(1), A, x.flatten(1))
     expect = (x.flatten(1) @ (A + A.T)).square().sum(dim=1)                  # grad_x D = (A + A^T) x
-    torch.testing.assert_close(losses.grad_penalty(quadratic, x), expect)
+    torch.testing.assert_close(losses.grad_penalty(quadratic, x), expect, msg=lambda m: (
+        "R1/R2 of a quadratic D(x) = x^T A x must be ||(A + A^T) x||^2 per sample\n" + m))

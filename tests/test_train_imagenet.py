@@ -208,6 +208,8 @@ def _gradient_problem(n=4):
     return student, velocity, data     # data: x_t, t, s, label, lam
 
 
+@pytest.mark.ex_emd
+@pytest.mark.ex_lmd
 def test_ddp_gradients_are_synchronized_and_equal_the_full_batch_gradient(tmp_path):
     """docs/method.md §11: the JVP runs on net.module, the trainable forward through DDP, so gradients are
     all-reduced; on 2 ranks with different data they equal the one-process gradient of all the data."""
