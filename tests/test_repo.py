@@ -98,3 +98,27 @@ def test_every_cited_section_of_the_method_notes_exists():
 def test_the_citation_pattern():
     text = "see docs/method.md §3-5 and docs/method.md §11, §2\nand docs/method.md §7"
     assert cited_sections(text) == [(1, 3), (1, 4), (1, 5), (1, 11), (1, 2), (2, 7)]
+
+
+def test_every_exercise_can_be_blanked_and_has_graded_tests():
+    """python -m exercises N finds its functions and answer blocks, and its marker selects tests."""
+    from exercises.__main__ import EXERCISES, blank_docs, blank_function
+    markers = (ROOT / "pytest.ini").read_text()
+    tests = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
+    docs = {p: (ROOT / p).read_text(encoding="utf-8") for p in ("README.md", "docs/method.md")}
+    for number, exercise in EXERCISES.items():
+        assert f"ex_{exercise.name}:" in markers and f"mark.ex_{exercise.name}" in tests, exercise.name
+        for path, name, task in exercise.functions:
+            blanked = blank_function((ROOT / path).read_text(encoding="utf-8"), name, number, task)
+            namespace = {}
+            exec(compile(blanked, path, "exec"), namespace)                 # still valid Python
+            assert "NotImplementedError" in blanked and namespace[name].__doc__.startswith(f"Exercise {number} ")
+        for path, text in docs.items():
+            after = blank_docs(text, exercise, number)
+            assert after.count("<!-- answer") == text.count("<!-- answer")  # blocks stay, emptied
+            for row in exercise.readme_rows:
+                assert row not in after, f"{path}: {row!r} survives blanking exercise {number}"
+    hidden = {name for p, text in docs.items() for names in re.findall(r"<!-- answer ([\w ]+) -->", text)
+              for name in names.split()}
+    assert hidden <= {e.name for e in EXERCISES.values()}, "an answer block names no exercise"
+    assert {"emd", "lmd", "gamma", "guidance", "adversarial"} <= hidden

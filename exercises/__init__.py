@@ -1,0 +1,1 @@
+"""Course exercises: `python -m exercises` (see __main__.py and the README)."""
