@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKUP = ROOT / ".exercises"
@@ -32,35 +33,36 @@ class Exercise:
     readme_rows: list = dataclasses.field(default_factory=list)   # README lines holding the answer
 
 
-SURROGATE = """Per-sample losses (N,) whose gradient in the network's weights, times (t - s)^2 D (D: the
-    dimensions of a sample, the loss being a mean over them), is the eps -> 0 limit of grad L_eps / eps
-    when c is None. c normalizes the direction per sample: divided by (its norm + c). Take F_theta and
-    its derivative from one call of jvp.value_and_jvp(..., method=jvp_method); velocity(x, t, **cond)
-    is the teacher."""
+SURROGATE = """
+Per-sample losses (N,) whose gradient in the network's weights, times (t - s)^2 D (D: the dimensions
+of a sample, the loss being a mean over them), is the eps -> 0 limit of grad L_eps / eps when c is
+None. c normalizes the direction per sample: divided by (its norm + c). Take F_theta and its
+derivative from one call of jvp.value_and_jvp(..., method=jvp_method); velocity(x, t, **cond) is
+the teacher."""
 EXERCISES = {
     1: Exercise("lmd", "Derive and implement the LMD objective", [("losses.py", "lmd_loss", (
-        "AYF-LMD (AYF Sec. 3.1, Lagrangian theorem); the discrete objective L_eps is in docs/method.md §4.\n\n    "
+        "AYF-LMD (AYF Sec. 3.1, Lagrangian theorem); the discrete objective L_eps is in docs/method.md §4.\n"
         + SURROGATE))], ["`dF_ds` in `lmd_loss`", "| `h = df/ds"]),
     2: Exercise("emd", "Derive the EMD surrogate", [("losses.py", "emd_loss", (
-        "AYF-EMD (AYF Sec. 3.1, Eulerian theorem); the discrete objective L_eps is in docs/method.md §3.\n\n    "
-        + SURROGATE + "\n    r (tangent warmup) multiplies the term that carries dF/dt."))],
+        "AYF-EMD (AYF Sec. 3.1, Eulerian theorem); the discrete objective L_eps is in docs/method.md §3.\n"
+        + SURROGATE + "\nr (tangent warmup) multiplies the term that carries dF/dt."))],
         ["`dF_dt` in `emd_loss`"]),
     3: Exercise("gamma", "gamma-sampling for the linear path", [("flowmap.py", "sample_gamma", (
-        "gamma-sampling (CTM), linear-path form (docs/method.md §8). From t to s: jump with the flow map to\n"
-        "    s' <= s, rescale, add gamma s z with z = noise(x), so that x_s has the marginal of time s. No noise\n"
-        "    at the last step. gamma = 0 must be sample_flow_map, gamma = 1 sample_consistency."))]),
+        "gamma-sampling (CTM), linear-path form (docs/method.md §8). From t to s: jump with the flow map\n"
+        "to s' <= s, rescale, add gamma s z with z = noise(x), so that x_s has the marginal of time s.\n"
+        "No noise at the last step. gamma = 0 must be sample_flow_map, gamma = 1 sample_consistency."))]),
     4: Exercise("guidance", "Guidance", [("flowmap.py", "guided_velocity", (
         "Guided teacher velocity (Autoguidance, Karras et al. 2024, Eq. 1; docs/method.md §6): from\n"
-        "    weak(x, t, **cond) through velocity(x, t, **cond), strength lam (None, a float or a per-sample\n"
-        "    (N,) tensor). Never call weak when every lam is 1; lam != 1 with weak=None is a ValueError."))]),
+        "weak(x, t, **cond) through velocity(x, t, **cond), strength lam (None, a float or a per-sample\n"
+        "(N,) tensor). Never call weak when every lam is 1; lam != 1 with weak=None is a ValueError."))]),
     5: Exercise("theorem", "AYF Theorem 3.1 by hand", [("tests/test_flowmap.py", "cm_sample_std", (
         "sigma_N of consistency multistep sampling (uniform grid 1 -> 0, N = steps) with the linear\n"
-        "    consistency model f(x, t, 0) = k(t) x, starting from x_1 ~ N(0, 1). Derive the recursion."))]),
+        "consistency model f(x, t, 0) = k(t) x, starting from x_1 ~ N(0, 1). Derive the recursion."))]),
     6: Exercise("adversarial", "The adversarial losses", [
         ("losses.py", "rpgan_d_loss", "Discriminator loss of the relativistic pairing GAN (R3GAN), per pair (N,)."),
         ("losses.py", "rpgan_g_loss", "Generator loss of the relativistic pairing GAN (R3GAN), per pair (N,)."),
-        ("losses.py", "grad_penalty", ("R1 (x real) or R2 (x fake) penalty per sample (N,), to be weighted by\n"
-                                       "    gamma / 2 by the caller; R1 / R2 train D."))]),
+        ("losses.py", "grad_penalty", "R1 (x real) or R2 (x fake) penalty per sample (N,); the caller weights it\n"
+                                      "by gamma / 2. R1 / R2 train D.")]),
 }
 ANSWER_BLOCK = re.compile(r"<!-- answer ([\w ]+) -->\n.*?<!-- /answer -->\n", re.S)
 
@@ -78,7 +80,7 @@ def blank_function(source, name, number, task):
     lines = source.splitlines(keepends=True)
     first, last = node.body[0].lineno - 1, node.end_lineno                # 0-based, end exclusive
     indent = re.match(r"\s*", lines[first]).group(0)
-    stub = (f'{indent}"""Exercise {number} (README, Course exercises). {task}\n{indent}"""\n'
+    stub = (f'{indent}"""Exercise {number} (README, Course exercises).\n\n{textwrap.indent(task, indent)}\n{indent}"""\n'
             f'{indent}raise NotImplementedError("exercise {number}: yours to derive; python -m exercises {number} --check")\n')
     return "".join(lines[:first]) + stub + "".join(lines[last:])
 
