@@ -339,8 +339,8 @@ def test_rpgan_signs_and_form():
         "the RpGAN loss must depend on the paired scores only through D(fake) - D(real) (relativistic)\n" + m))
     zero = losses.rpgan_d_loss(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
     assert abs(zero.item() - math.log(2)) < 1e-12, (
-        f"the RpGAN loss of a tie D(real) = D(fake) is {zero.item():.4f}, not log 2: it is the logistic loss "
-        "-log sigmoid(D(real) - D(fake)) of 'real outscores fake'")
+        f"the RpGAN loss of a tie D(real) = D(fake) is {zero.item():.4f}, not log 2: it is a logistic loss "
+        "(a negative log-likelihood) of the event 'real outscores fake'")
     gr, gf = torch.autograd.grad(d_loss.sum(), (d_real, d_fake))
     torch.testing.assert_close(gf, 1 - torch.exp(-d_loss.detach()), msg=lambda m: (
         "the RpGAN loss L(u), u = D(fake) - D(real), must satisfy dL/du = 1 - exp(-L) (the logistic loss): "
