@@ -435,3 +435,23 @@ def test_format_duration():
     assert ti.format_duration(0) == "0:00"
     assert ti.format_duration(725.4) == "12:05"
     assert ti.format_duration(3723) == "1:02:03"
+
+
+def test_distillation_recipe_defaults(tmp_path):
+    """p_zero and weighting: the preset's for distill (ImageNet: 0.1 and adaptive; tiny: 0 and none),
+    --init's for adv, and a flag always wins."""
+    def snapshot(name, argv):
+        cfg = ti.parse_config(["--data", "synthetic", *argv])
+        torch.save(dict(config=cfg), tmp_path / name)
+        return cfg
+
+    for preset, expected in (("S", (0.1, "adaptive")), ("tiny", (0.0, "none"))):
+        snapshot(f"teacher-{preset}.pt", ["--preset", preset])
+        teacher = ["--stage", "distill", "--teacher", str(tmp_path / f"teacher-{preset}.pt"), "--guidance", "none"]
+        ayf = snapshot(f"ayf-{preset}.pt", teacher)
+        assert (ayf["p_zero"], ayf["weighting"]) == expected
+        flags = ti.parse_config(["--data", "synthetic", *teacher, "--p-zero", "0.3", "--weighting", "none"])
+        assert (flags["p_zero"], flags["weighting"]) == (0.3, "none")
+    adv = ti.parse_config(["--data", "synthetic", "--stage", "adv", "--teacher", str(tmp_path / "teacher-S.pt"),
+                           "--init", str(tmp_path / "ayf-S.pt")])
+    assert (adv["p_zero"], adv["weighting"]) == (0.1, "adaptive")
