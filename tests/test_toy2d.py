@@ -1,6 +1,7 @@
-"""toy2d.py end to end with a tiny budget: it trains every model, writes its figure and metrics,
-reuses its cached checkpoints on a second run, and its exact velocity matches an independent
-brute-force evaluation of the mixture."""
+"""toy2d.py end to end with a tiny budget: it trains every model, writes its figures and metrics,
+reuses its cached checkpoints on a second run; its exact velocity matches an independent
+brute-force evaluation of the mixture, its exact flow the closed form of a Gaussian, and its
+distance to the data the closed form of a shift."""
 import json
 import math
 
@@ -39,11 +40,41 @@ def test_exact_flow_lands_on_the_data():
     assert toy2d.sliced_wasserstein(x0, data, label, label) < 1.5 * floor
 
 
+def test_exact_flow_of_one_gaussian_is_affine(monkeypatch):
+    # One component per class, N(mu_k, c^2 I): x_t = (1 - t) mu + sd(t) xi with sd(t)^2 = (1 - t)^2 c^2 + t^2,
+    # so the flow from t = 1 (sd = 1, x = xi) to t is x -> (1 - t) mu + sd(t) x.
+    means = torch.tensor([[0.7, -0.2], [-0.4, 0.5]], dtype=torch.float64)
+    c = torch.tensor([0.05, 0.3], dtype=torch.float64)
+    monkeypatch.setattr(toy2d, "MEANS", means)
+    monkeypatch.setattr(toy2d, "STDS", c)
+    monkeypatch.setattr(toy2d, "COMPONENT_CLASS", torch.tensor([0, 1]))
+    z = torch.randn(200, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    label = torch.arange(200) % 2
+    for t in (0.0, 0.3):
+        sd = ((1 - t) ** 2 * c[label] ** 2 + t ** 2).sqrt()[:, None]
+        expected = ((1 - t) * means[label] + sd * z).float()
+        torch.testing.assert_close(toy2d.exact_flow(z, 1.0, t, label), expected, rtol=0, atol=2e-4)
+
+
+def test_distance_to_data_of_a_shift():
+    # Shifting every point by a: each projection on a unit direction d moves by a.d, so the sliced W2
+    # is sqrt(mean_d (a.d)^2) exactly; averaging over two reference sets averages two such distances.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(600, 2, generator=g)
+    label = torch.arange(600) % 2
+    a, b = torch.tensor([0.3, -0.1]), torch.tensor([0.0, 0.2])
+    dirs = toy2d._directions(256, seed=0)
+    shift = lambda v: float((v.double() @ dirs).square().mean().sqrt())
+    distance = toy2d.DistanceToData([x + a, x + b], label)
+    assert abs(distance(x) - (shift(a) + shift(b)) / 2) < 1e-6
+    assert abs(toy2d.sliced_wasserstein(x, x + a, label, label) - shift(a)) < 1e-6
+
+
 def test_student_starts_as_its_teacher():
-    teacher = toy2d.MLP(hidden=32, depth=2)
+    teacher = toy2d.MLP(hidden=32, depth=2, x_octaves=2)
     for p in teacher.parameters():
         torch.nn.init.normal_(p)
-    student = toy2d.student_from(teacher, hidden=32, depth=2)
+    student = toy2d.student_from(teacher, hidden=32, depth=2, x_octaves=2)
     x, t, s = torch.randn(16, 2), torch.rand(16), torch.rand(16)
     label = toy2d.one_hot(torch.randint(2, (16,)))
     assert torch.equal(student(x, t, s, label=label, lam=1 + 2 * torch.rand(16)), teacher(x, t, t, label=label))
@@ -55,7 +86,8 @@ def test_smoke_run_writes_figure_and_metrics(tmp_path, capsys):
     toy2d.main(argv)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (tmp_path / "toy2d.png").stat().st_size > 10_000
-    for name in ("teacher ODE", "AYF-EMD", "AYF-LMD", "consistency (EMD, s=0)", "AYF-EMD + adv"):
+    assert (tmp_path / "toy2d_hero.png").stat().st_size > 10_000
+    for name in ("exact ODE", "teacher ODE", "AYF-EMD", "AYF-LMD", "consistency (EMD, s=0)", "AYF-EMD + adv"):
         assert name in metrics["results"], name
     assert set(metrics["results"]["AYF-EMD"]) == {"1", "2"}
     for per_k in metrics["results"].values():
