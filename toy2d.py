@@ -245,7 +245,7 @@ def one_hot(label):
 # Training.
 
 def sample_t(n, dist, P_mean, P_std, g):
-    """Teacher training times: uniform, or logit-normal, logit(t) ~ N(P_mean, P_std^2) (method.md §5).
+    """Teacher training times: uniform, or logit-normal, logit(t) ~ N(P_mean, P_std^2) (docs/method.md §5).
 
     logit(t) = log(t / (1 - t)) is the log noise level of the linear path, so a negative P_mean puts
     more samples near t = 0, where the velocity has to tell neighbouring thin components apart.
