@@ -377,7 +377,8 @@ def main(argv=None):
                    help="teacher training times: logit-normal puts more of them near t = 0")
     p.add_argument("--teacher-P-mean", type=float, default=-1.0, help="mean of logit(t) for the teacher")
     p.add_argument("--teacher-P-std", type=float, default=1.4, help="std of logit(t) for the teacher")
-    p.add_argument("--x-octaves", type=int, default=0, help="Fourier features of x: 8 directions x this many octaves")
+    p.add_argument("--x-octaves", type=int, default=4,
+                   help="Fourier features of x (8 directions x this many octaves): lets the MLP draw thin components")
     p.add_argument("--guide-steps", type=int, default=400, help="the weak guide trains this long")
     p.add_argument("--distill-steps", type=int, default=3000)
     p.add_argument("--adv-steps", type=int, default=200)

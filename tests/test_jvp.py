@@ -99,7 +99,7 @@ def tiny_student(**kwargs):
 @pytest.mark.parametrize("along", ["dF/dt (v, 1, 0)", "dF/ds (0, 0, 1)"])
 def test_unet_and_toy_mlp_need_no_fallback_and_match_central_differences(along, numerics):
     net, (x, t, s), cond = tiny_student(numerics=numerics)
-    mlp = toy2d.student_from(toy2d.MLP(hidden=32), hidden=32)
+    mlp = toy2d.student_from(toy2d.MLP(hidden=32, x_octaves=2), hidden=32, x_octaves=2)   # with x features
     with torch.no_grad():
         for branch in (mlp.embed_s, mlp.embed_lam):                             # zero at init
             branch.weight.copy_(torch.randn(branch.weight.shape, generator=g))
