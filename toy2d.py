@@ -465,7 +465,10 @@ def main(argv=None):
 
         def finetune(n, g):
             n.load_state_dict(students["emd"].state_dict())
-            return train_flow_map(n, v_autoguided, args, g, "adv", "emd", adv=(Discriminator(), args.adv_steps))
+            with torch.random.fork_rng():                               # D's init: the same whichever
+                torch.manual_seed(args.seed)                            # models this run trained before
+                D = Discriminator()
+            return train_flow_map(n, v_autoguided, args, g, "adv", "emd", adv=(D, args.adv_steps))
         students["adv"] = cached("adv", adv_cfg, lambda: student_from(teacher, **size), finetune)
     train_time = time.time() - start
 
