@@ -1,6 +1,6 @@
 """AYF on a 2D toy, end to end on a CPU: the front door of this repository.
 
-    python toy2d.py          # trains 6 models: TIMING; writes toy_out/toy2d.png, toy2d_hero.png
+    python toy2d.py          # trains 6 models (timed in the README); a rerun reuses them: 32 CPU s
     python toy2d.py --methods emd,cm --retrain --steps 1,2,4
 
 Data: a class-conditional Gaussian mixture (two interleaved spirals of small components), so the
