@@ -128,10 +128,27 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids are not part of EDM2's pickle format")
 
 
-def read_pickle(path):
+class StructureUnpickler(RestrictedUnpickler):
+    """The same, with every tensor left out (None): the structure and the settings, read quickly."""
+
+    def find_class(self, module, name):
+        found = super().find_class(module, name)
+        return _no_tensor if module in ("torch._utils", "torch.storage") else found
+
+
+def _no_tensor(*args, **kwargs):
+    return None
+
+
+def read_pickle(path, tensors=True):
     """The top-level object of an EDM2 pickle, with Records in place of EDM2's objects."""
     with open(path, "rb") as f:
-        return RestrictedUnpickler(f).load()
+        return (RestrictedUnpickler if tensors else StructureUnpickler)(f).load()
+
+
+def read_config(path):
+    """The config of an EDM2 pickle (see config_of) without building its tensors."""
+    return config_of(read_pickle(path, tensors=False), path)
 
 
 def is_edm2_pickle(path):
@@ -232,7 +249,7 @@ def config_of(data, path):
     if preset is None:
         raise ValueError(f"{path}: EDM2 network of sizes {arch} matches no preset in unet.PRESETS")
     return dict(stage="teacher", preset=preset, resolution=resolution, num_classes=classes,
-                cond_s=False, cond_lam=False, dropout=0.0, numerics="edm2",
+                cond_s=False, cond_lam=False, dropout=0.0, label_dropout=0.0, numerics="edm2",
                 sigma_data=float(precond.get("sigma_data", 0.5)), t_min=T_MIN, t_max=T_MAX,
                 edm2_pickle=Path(path).name)
 

@@ -366,3 +366,8 @@ def test_t_s_pairs_stay_in_edm2s_range():
     assert (t >= edm2.T_MIN).all() and (t <= edm2.T_MAX).all() and (s <= t).all()
     assert (s[~zero] >= edm2.T_MIN).all()
     assert t.max() > 0.97 and s[~zero].min() < 0.01               # the whole range is used
+
+
+def test_read_config_without_tensors_agrees_with_load(tmp_path, edm2_names):
+    write_edm2(tmp_path / "net.pkl", edm2_names, torch.Generator().manual_seed(9))
+    assert edm2.read_config(tmp_path / "net.pkl") == edm2.load(tmp_path / "net.pkl")[1]
