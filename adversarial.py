@@ -15,7 +15,7 @@ ADV_BETAS = (0.0, 0.99)         # the discriminator head's Adam (R3GAN)
 #   fakes         one per row of the global batch, from its own noise z, at the row's label and lam:
 #                 a 1-step sample f(z, 1, 0) or a 2-step one (1 -> 0.5 -> 0), half and half; each is
 #                 paired with the row's real image, which has the same label (relativistic pairs).
-#   D             the frozen teacher (EMA) encoder, UNet.features, at a noise level t_D ~ U[0, adv_t_max]
+#   D             the frozen teacher (EMA) encoder, UNet.features, at a noise level t_D ~ U[t_min, adv_t_max]
 #                 shared by the real and the fake of a pair (same t_D, same noise), then DiscriminatorHead.
 #   R1 / R2       taken w.r.t. the clean image x, through the noising and the frozen encoder: D is a
 #                 function of the image and the noise is part of D (grad_x = (1 - t_D) grad_{x_tD}).
@@ -67,18 +67,19 @@ def build_discriminator(teacher, preset, num_classes, lr, device):
     return functools.partial(discriminator, head, teacher), head, optimizer
 
 
-def few_step_samples(net, z, u, **cond):
+def few_step_samples(net, z, u, t_max=1.0, **cond):
     """Flow-map samples from noise (docs/method.md §8) with the graph kept: f(f(z, 1, u), u, 0), one step
-    where u = 1 (f(z, 1, 1) = z exactly), two where u < 1."""
-    one, zero = torch.ones_like(u), torch.zeros_like(u)
-    return flow_map(net, flow_map(net, z, one, u, **cond), u, zero, **cond)
+    where u = 1 (f(z, 1, 1) = z exactly), two where u < 1. t_max < 1 (an EDM2 teacher's range): the
+    same from t_max z, with the middle time u t_max (flowmap.time_grid)."""
+    start, u, zero = torch.full_like(u, t_max), u * t_max, torch.zeros_like(u)
+    return flow_map(net, flow_map(net, t_max * z, start, u, **cond), u, zero, **cond)
 
 
-def rpgan_g_objective(net, D, real, z, u, d_cond, **cond):
+def rpgan_g_objective(net, D, real, z, u, d_cond, t_max=1.0, **cond):
     """The generator's adversarial term (docs/method.md §7): RpGAN softplus(D(real) - D(fake)), with
     fake = a few-step sample from noise z at the row's cond, paired with the real image of the same
     label; D at the pair's noise level and noise d_cond. Returns (per-sample loss (N,), fake)."""
-    fake = few_step_samples(net, z, u, **cond)                              # (N, 3, R, R)
+    fake = few_step_samples(net, z, u, t_max, **cond)                       # (N, 3, R, R)
     return rpgan_g_loss(D(real, **d_cond), D(fake, **d_cond)), fake
 
 

@@ -57,7 +57,7 @@ from tqdm import tqdm
 import fid
 import train_imagenet as ti
 from dataset import DataError, load_dataset
-from flowmap import as_velocity, guided_velocity, sample_flow_map, sample_gamma, sample_ode
+from flowmap import as_velocity, guided_velocity, sample_flow_map, sample_gamma, sample_ode, time_grid
 from launch import launch, setup_process, under_torchrun
 
 
@@ -199,23 +199,27 @@ def check_same_kind(config, other, what):
 # ----------------------------------------------------------------------------------------------
 # Samplers: sample(z, label, noise) -> x0, with z (N, 3, R, R), one-hot label (N, K), noise(x) -> eps.
 
-def flow_map_sampler(net, steps, gamma, lam):
+def flow_map_sampler(net, steps, gamma, lam, t_max=1.0):
     """Deterministic flow-map sampling, or gamma-sampling with re-noising from `noise`; NFE = steps.
 
     lam is None for a student without a lam input, else the guidance strength it was distilled for.
+    t_max < 1: the teacher's range ends there (EDM2: 80 / 81), so sampling starts from t_max z
+    (flowmap.time_grid).
     """
     def sample(z, label, noise):
         cond = dict(label=label)
         if lam is not None:
             cond["lam"] = torch.full((len(z),), lam, device=z.device)  # (N,)
+        grid = time_grid(steps, z.device, z.dtype, t_max)
         if gamma == 0:
-            return sample_flow_map(net, z, steps, **cond)
-        return sample_gamma(net, z, steps, gamma, noise=noise, **cond)
+            return sample_flow_map(net, t_max * z, steps, grid, **cond)
+        return sample_gamma(net, t_max * z, steps, gamma, grid, noise=noise, **cond)
     return sample, steps
 
 
-def ode_sampler(net, steps, solver, weak=None, lam=1.0):
-    """The teacher's probability-flow ODE, guided by `weak` (a velocity) when lam != 1.
+def ode_sampler(net, steps, solver, weak=None, lam=1.0, t_max=1.0):
+    """The teacher's probability-flow ODE from t_max (as flow_map_sampler), guided by `weak` (a
+    velocity) when lam != 1.
 
     Returns (sample, NFE) with NFE counting velocity evaluations; guidance doubles the network calls.
     """
@@ -224,7 +228,7 @@ def ode_sampler(net, steps, solver, weak=None, lam=1.0):
         velocity = functools.partial(guided_velocity, velocity, weak, lam=lam)    # v_weak + lam (v - v_weak)
 
     def sample(z, label, noise):
-        return sample_ode(velocity, z, steps, solver, label=label)
+        return sample_ode(velocity, t_max * z, steps, solver, time_grid(steps, z.device, z.dtype, t_max), label=label)
     return sample, steps if solver == "euler" else 2 * steps - 1
 
 
@@ -405,17 +409,18 @@ def run(args, rank=0, local_rank=0, world_size=1):
 
     def sampler(steps):
         """(sample, NFE) of the checkpoint at a step count."""
+        t_max = config.get("t_max", 1.0)                                # < 1 for EDM2's networks
         if args.flow_map:
-            return flow_map_sampler(net, steps, args.gamma, args.guidance if config["cond_lam"] else None)
-        return ode_sampler(net, steps, args.solver, weak, args.guidance)
+            return flow_map_sampler(net, steps, args.gamma, args.guidance if config["cond_lam"] else None, t_max)
+        return ode_sampler(net, steps, args.solver, weak, args.guidance, t_max)
 
     # Speed.
     if args.bench:
         rows = [(name, steps, *sampler(steps)) for steps in args.steps]
         if args.teacher:
-            teacher, _ = ti.load_snapshot(args.teacher, device)
+            teacher, teacher_cfg = ti.load_snapshot(args.teacher, device)
             rows.append((f"teacher {args.solver}", args.teacher_steps,
-                         *ode_sampler(teacher, args.teacher_steps, args.solver)))
+                         *ode_sampler(teacher, args.teacher_steps, args.solver, t_max=teacher_cfg.get("t_max", 1.0))))
         benchmark(rows, config, args.batch, device, args.reps, vs_last=bool(args.teacher))
         return
 

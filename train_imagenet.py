@@ -74,6 +74,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import edm2
 import unet
 from adversarial import build_discriminator, rpgan_d_objective, rpgan_g_objective
 from dataset import DataError, batch_indices, get_batch, load_dataset
@@ -170,7 +171,7 @@ def parse_config(argv=None):
     add("--adv-weight",    default=0.01,  type=float, help="weight of the RpGAN generator loss")
     add("--adv-gamma",     default=0.1,   type=float, help="R1 / R2 weight gamma of the discriminator")
     add("--adv-lr",        default=2e-4,  type=float, help="learning rate of the discriminator head (Adam)")
-    add("--adv-t-max",     default=0.8,   type=float, help="D sees x_tD = (1 - t_D) x + t_D eps, t_D ~ U[0, this]")
+    add("--adv-t-max",     default=0.8,   type=float, help="D sees x_tD = (1 - t_D) x + t_D eps, t_D ~ U[t_min, this]")
     # Data, launch and bookkeeping.
     add("--resolution",    default=None,  type=int)
     add("--cache-dir",     default=None,             help="dataset cache (beside the source)")
@@ -191,7 +192,7 @@ def parse_config(argv=None):
         for flag in ("teacher", "guide", "loss", "guidance"):
             if cfg[flag] is not None:
                 raise ValueError(f"--{flag} is for --stage distill and adv, not --stage teacher")
-        cfg.update(loss="fm", guidance=None, preset=cfg["preset"] or "S")
+        cfg.update(loss="fm", guidance=None, preset=cfg["preset"] or "S", numerics="ayf", t_min=0.0, t_max=1.0)
     else:
         if cfg["teacher"] is None:
             raise ValueError(f"--stage {stage} needs --teacher (a teacher run folder or its snapshot.pt)")
@@ -226,6 +227,12 @@ def parse_config(argv=None):
             raise ValueError(f"--init {cfg['init']} is preset {init_cfg['preset']!r} at {init_cfg['resolution']}, "
                              f"--teacher {cfg['teacher']} {teacher_cfg['preset']!r} at {teacher_cfg['resolution']}")
         cfg["preset"] = teacher_cfg["preset"]
+        # The teacher's numerics and time range (EDM2: t in [0.002, 80/81]) go to the student and its sampler.
+        cfg.update(numerics=teacher_cfg.get("numerics", "ayf"), t_min=teacher_cfg.get("t_min", 0.0),
+                   t_max=teacher_cfg.get("t_max", 1.0))
+        if cfg["loss"] == "lmd" and cfg["p_zero"] and cfg["t_min"] > 0:
+            raise ValueError(f"--loss lmd evaluates the teacher at s, and --teacher {cfg['teacher']} is defined "
+                             f"only for t >= {cfg['t_min']:.4g}: drop --p-zero (its pairs have s = 0) or use --loss emd")
     if cfg["guide"] is not None:
         guide_cfg = read_config(cfg["guide"])
         check_stage(guide_cfg, "teacher", f"--guide {cfg['guide']}")
@@ -277,6 +284,8 @@ def snapshot_file(path):
 
 def read_config(path):
     """The config stored in a snapshot or training state, without reading its tensors."""
+    if edm2.is_edm2_pickle(path):                                       # EDM2's published networks
+        return edm2.read_config(path)
     path = snapshot_file(path)
     if not path.exists():
         raise FileNotFoundError(f"no snapshot at {path}")
@@ -301,11 +310,14 @@ def build_network(config):
     """The U-Net that a config describes (the preset's architecture, resolution, classes, inputs)."""
     return unet.UNet(img_resolution=config["resolution"], num_classes=config["num_classes"],
                      cond_s=config["cond_s"], cond_lam=config["cond_lam"], dropout=config["dropout"],
-                     **unet.PRESETS[config["preset"]])
+                     numerics=config.get("numerics", "ayf"), **unet.PRESETS[config["preset"]])
 
 
 def load_snapshot(path, device="cpu"):
-    """(network with the EMA weights in eval mode, config) from a run folder or snapshot.pt."""
+    """(network with the EMA weights in eval mode, config) from a run folder or snapshot.pt, or
+    from an EDM2 network pickle (edm2.py)."""
+    if edm2.is_edm2_pickle(path):
+        return edm2.load(path, device)
     data = torch.load(snapshot_file(path), map_location=device, weights_only=True)
     net = build_network(data["config"]).to(device)
     net.load_state_dict(data["ema"])
@@ -383,15 +395,15 @@ def draw(cfg, step, B, device):
     d = dict(eps=randn(B, 3, R, R))
     if stage == "teacher":                                          # logit(t) = ln sigma ~ N(P_mean, P_std^2)
         d["t"] = d["s"] = torch.sigmoid(cfg["P_mean"] + cfg["P_std"] * randn(B))
-    else:                                                           # 1 >= t >= s >= 0
+    else:                                                           # t_max >= t >= s >= t_min, or s = 0
         d["t"], d["s"] = sample_t_s(B, cfg["ts_dist"], cfg["P_mean"], cfg["P_std"], cfg["p_diag"], cfg["p_zero"],
-                                    generator=gen, device=device)
+                                    generator=gen, device=device, t_min=cfg["t_min"], t_max=cfg["t_max"])
     d["lam"] = cfg["lam_min"] + (cfg["lam_max"] - cfg["lam_min"]) * rand(B)
     d["keep"] = rand(B) >= cfg["label_dropout"]                     # label dropout
     if stage == "adv":                                              # fakes' noise and jumps, D's noise level
         d["z"] = randn(B, 3, R, R)
         d["u"] = torch.where(rand(B) < 0.5, 1.0, 0.5)               # 1: one step, 0.5: two
-        d["t_D"] = cfg["adv_t_max"] * rand(B)
+        d["t_D"] = cfg["t_min"] + (cfg["adv_t_max"] - cfg["t_min"]) * rand(B)    # in the teacher's range
         d["eps_D"] = randn(B, 3, R, R)
     return d
 
@@ -526,7 +538,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                         objective = weight(loss, d["t"], d["s"]) if weight else loss       # exp(-u) L + u
                         if stage == "adv":                          # + w RpGAN, through the student's jumps
                             d_cond = dict(t=d["t_D"], eps=d["eps_D"], label=label)
-                            g_adv, fake = rpgan_g_objective(ddp, D, x0, d["z"], d["u"], d_cond, **cond)
+                            g_adv, fake = rpgan_g_objective(ddp, D, x0, d["z"], d["u"], d_cond, cfg["t_max"], **cond)
                             objective = objective + cfg["adv_weight"] * g_adv
                             step_sums[1] += g_adv.detach().sum()
                             pairs.append((x0, fake.detach(), d_cond))

@@ -7,6 +7,7 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as nnf
@@ -371,3 +372,32 @@ def test_t_s_pairs_stay_in_edm2s_range():
 def test_read_config_without_tensors_agrees_with_load(tmp_path, edm2_names):
     write_edm2(tmp_path / "net.pkl", edm2_names, torch.Generator().manual_seed(9))
     assert edm2.read_config(tmp_path / "net.pkl") == edm2.load(tmp_path / "net.pkl")[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The command lines: train_imagenet.py and sample.py take EDM2 pickles as teacher, guide and --ckpt.
+
+def test_distill_and_sample_from_edm2_pickles(tmp_path, edm2_names):
+    import sample
+    import train_imagenet as ti
+    teacher, guide = tmp_path / "teacher.pkl", tmp_path / "guide.pkl"
+    write_edm2(teacher, edm2_names, torch.Generator().manual_seed(10))
+    write_edm2(guide, edm2_names, torch.Generator().manual_seed(11))
+    assert ti.read_config(teacher) == edm2.read_config(teacher)
+    net, config = ti.load_snapshot(teacher)
+    assert config["numerics"] == "edm2" and net.edm2
+    base = ["--data", "synthetic", "--device", "cpu", "--batch", "4", "--status-kimg", "1", "--snapshot-kimg", "1"]
+    ti.main(base + ["--stage", "distill", "--teacher", str(teacher), "--guide", str(guide), "--kimg", "0.004",
+                    "--p-zero", "0.5", "--out", str(tmp_path / "ayf")])
+    student, student_cfg = ti.load_snapshot(tmp_path / "ayf")
+    assert student.edm2 and (student_cfg["t_min"], student_cfg["t_max"]) == (edm2.T_MIN, edm2.T_MAX)
+    sample.main(["--ckpt", str(tmp_path / "ayf"), "--steps", "1", "--guidance", "1.7", "--seeds", "0-1",
+                 "--out", str(tmp_path / "ayf.npz"), "--device", "cpu"])
+    sample.main(["--ckpt", str(teacher), "--guide", str(guide), "--guidance", "1.7", "--steps", "2",
+                 "--seeds", "0-1", "--out", str(tmp_path / "teacher.npz"), "--device", "cpu"])
+    for name in ("ayf.npz", "teacher.npz"):
+        with np.load(tmp_path / name) as data:
+            assert data["arr_0"].shape == (2, 64, 64, 3)
+    with pytest.raises(ValueError, match="p-zero"):             # LMD would ask the teacher at s = 0
+        ti.parse_config(base + ["--stage", "distill", "--loss", "lmd", "--teacher", str(teacher), "--guide",
+                                str(guide), "--p-zero", "0.1"])
