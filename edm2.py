@@ -7,7 +7,7 @@ any code from the pickle.
 AYF distills EDM2-S guided by EDM2-XS (Karras et al. 2024, "Analyzing and Improving the Training
 Dynamics of Diffusion Models", and the autoguidance paper). Those networks are EDM denoisers
 D(x_sigma, sigma) on x_sigma = x0 + sigma eps; unet.UNet with numerics="edm2" computes the same
-function as a velocity on our path x_t = (1 - t) x0 + t eps, with sigma = t / (1 - t):
+function as a velocity on our path x_t = (1 - t) x0 + t eps (docs/method.md §1), with sigma = t / (1 - t):
 
     x_sigma = x_t / (1 - t),   v(x_t, t) = E[eps - x0 | x_t] = (x_t - D(x_t / (1 - t), sigma)) / t
 
@@ -25,7 +25,6 @@ builtins.eval, stops the load with an error. Storages are read with torch.load(w
 """
 import collections
 import io
-import math
 import pickle
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 
 import unet
 
-SIGMA_MIN, SIGMA_MAX = 0.002, 80.0         # EDM2's training and sampling range of sigma (EDM Sec. 5)
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0         # EDM2's range of sigma (its sampler's, EDM Table 1)
 T_MIN = SIGMA_MIN / (1 + SIGMA_MIN)        # the same range in t = sigma / (1 + sigma): [0.001996, 80 / 81]
 T_MAX = SIGMA_MAX / (1 + SIGMA_MAX)
 

@@ -60,7 +60,8 @@ def guided_velocity(velocity, weak, x, t, lam=None, **cond):
 def time_grid(steps, device=None, dtype=torch.float32, t_max=1.0):
     """t_max = t_0 > t_1 > ... > t_N = 0, uniform in t (AYF samples with uniform steps in t).
 
-    t_max < 1 for a teacher trained on t <= t_max, such as EDM2 (t_max = 80 / 81, sigma_max = 80):
+    t_max < 1 for a teacher trained on t <= t_max, such as EDM2 (t_max = 80 / 81, sigma_max = 80;
+    docs/method.md §8 for the samplers):
     sampling then starts from x = t_max z, z ~ N(0, I). That is exact for EDM: it starts from
     x_sigma = sigma_max z, and x_t = (1 - t) x_sigma. It is not exactly a draw of x_{t_max} =
     (1 - t_max) x0 + t_max z, since the data term, of std sigma_data / 81 ~ 0.006, is left out.

@@ -231,8 +231,8 @@ def parse_config(argv=None):
         cfg.update(numerics=teacher_cfg.get("numerics", "ayf"), t_min=teacher_cfg.get("t_min", 0.0),
                    t_max=teacher_cfg.get("t_max", 1.0))
         if cfg["loss"] == "lmd" and cfg["p_zero"] and cfg["t_min"] > 0:
-            raise ValueError(f"--loss lmd evaluates the teacher at s, and --teacher {cfg['teacher']} is defined "
-                             f"only for t >= {cfg['t_min']:.4g}: drop --p-zero (its pairs have s = 0) or use --loss emd")
+            raise ValueError(f"--loss lmd evaluates the teacher at s, and --teacher {cfg['teacher']} is defined only "
+                             f"for t >= {cfg['t_min']:.4g}: drop --p-zero (its pairs have s = 0) or use --loss emd")
     if cfg["guide"] is not None:
         guide_cfg = read_config(cfg["guide"])
         check_stage(guide_cfg, "teacher", f"--guide {cfg['guide']}")
