@@ -7,7 +7,9 @@
     python sample.py --ckpt runs/ayf-S --steps 1,2,4 --bench --teacher runs/teacher-S --teacher-steps 32
 
 The network is rebuilt from the checkpoint alone: train_imagenet.load_snapshot returns the EMA weights
-and the config they were trained with. The checkpoint's stage picks the sampler (docs/method.md §8):
+and the config they were trained with, or an EDM2 network pickle as a teacher (edm2.py). The
+checkpoint's stage picks the sampler (docs/method.md §8). With an EDM2 teacher, or a student of one,
+the grid starts at its t_max = 80/81 instead of 1, from x = t_max z (flowmap.time_grid):
 
     flow map (distill,   x_{i+1} = f(x_i, t_i, t_{i+1}) on a uniform grid 1 = t_0 > ... > t_N = 0,
     adv)                 NFE = N. --gamma > 0: gamma-sampling, which re-noises after every jump
