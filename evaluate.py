@@ -369,7 +369,7 @@ def evaluate(args, teacher_cfg, runs, ds):
     weak = as_velocity(ti.load_snapshot(args.guide, device)[0]) if args.guide else None
     references = {}
     for lam in args.lams:
-        sampler, nfe = sample.ode_sampler(teacher, args.teacher_steps, "heun", weak, lam)
+        sampler, nfe = sample.ode_sampler(teacher, args.teacher_steps, "heun", weak, lam, teacher_cfg.get("t_max", 1.0))
         references[lam] = run_sampler("teacher", sampler, nfe, lam, args.teacher_steps, teacher_cfg, None,
                                       out / f"teacher-lam{lam:g}.npz", teacher_key(args, lam))
         grids["teacher", lam] = references[lam][:args.grid_num]
@@ -382,7 +382,8 @@ def evaluate(args, teacher_cfg, runs, ds):
                 skipped.append(f"{name} at lam {lam:g}: distilled with --guidance {config['guidance']}, no lam input")
                 continue
             for steps in args.steps:
-                sampler, nfe = sample.flow_map_sampler(net, steps, gamma, lam if config["cond_lam"] else None)
+                sampler, nfe = sample.flow_map_sampler(net, steps, gamma, lam if config["cond_lam"] else None,
+                                                       config.get("t_max", 1.0))      # < 1: EDM2 (edm2.py)
                 images = run_sampler(name, sampler, nfe, lam, steps, config, references[lam])
                 if steps in args.grid_steps:
                     grids[name, lam, steps] = images[:args.grid_num]
