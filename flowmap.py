@@ -27,6 +27,21 @@ def flow_map(net, x, t, s, **cond):
     return x + bcast(s - t, x) * net(x, t, s, **cond)
 
 
+def jump_excursion(net, z, data_range, **cond):
+    """How far the 1-step jump f(z, 1, 0) = z - F(z, 1, 0) lands outside the data range [lo, hi]:
+    the largest per-sample RMS of f - clamp(f, lo, hi) over the noise z (N, ...), a float.
+
+    The exact map's 1-step jump is a data point, so this is 0 for it and |F(z, 1, 0) - z| stays
+    within the data's extent. Training loops watch it as a divergence guard on F's magnitude: a
+    drifting F leaves the normalized losses O(1) and shows up here long before any NaN.
+    """
+    lo, hi = data_range
+    with torch.no_grad():
+        ones = torch.ones(len(z), device=z.device)
+        f = flow_map(net, z, ones, torch.zeros_like(ones), **cond)
+        return (f - torch.clamp(f, lo, hi)).float().square().flatten(1).mean(dim=1).sqrt().max().item()
+
+
 def as_velocity(net):
     """A flow-matching network as a teacher velocity: v(x, t) = F(x, t, t)."""
     def velocity(x, t, **cond):

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowmap import (as_velocity, flow_map, guided_velocity, sample_consistency, sample_flow_map,
-                     sample_ode)
+from flowmap import (as_velocity, flow_map, guided_velocity, jump_excursion, sample_consistency,
+                     sample_flow_map, sample_ode)
 from losses import (AdaptiveWeight, emd_loss, fm_loss, grad_penalty, lmd_loss, rpgan_d_loss,
                     rpgan_g_loss, sample_t_s, tangent_warmup)
 
@@ -54,6 +54,9 @@ def make_mixture(components_per_class=24, std=0.06):
 
 
 MEANS, STDS, COMPONENT_CLASS = make_mixture()
+# Where the data lie, per coordinate: the components' means +- 4 std. The divergence guard checks that
+# the flow maps' 1-step jumps land in it.
+DATA_RANGE = ((MEANS.min(0).values - 4 * STDS.max()).float(), (MEANS.max(0).values + 4 * STDS.max()).float())
 
 
 def sample_data(n, label, generator=None):
@@ -288,6 +291,8 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None):
         D, _ = adv
         opt_D = torch.optim.Adam(D.parameters(), lr=args.adv_lr, betas=(0.0, 0.99))
     ema = copy.deepcopy(student).requires_grad_(False)                  # evaluated weights (sCM, AYF)
+    guard = divergence_guard(args)
+    good_ema, good_step = copy.deepcopy(ema.state_dict()), 0
     for step in tqdm(range(steps), desc=desc, leave=False):
         label = torch.randint(NUM_CLASSES, (args.batch,), generator=g)
         lam = 1 + (args.lam_max - 1) * torch.rand(args.batch, generator=g)  # lam ~ U[1, lam_max], a student input
@@ -330,8 +335,34 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None):
             opt_D.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_D.step()
+
+        excursion = guard(student)
+        if excursion > guard.bound:
+            print(f"{desc}: stopped at step {step + 1}: the 1-step jump f(z, 1, 0) lands {excursion:.3g} (RMS) "
+                  f"outside the data range, more than its extent {guard.bound:.3g}: F(z, 1, 0) is diverging "
+                  f"(README, 'LMD divergence'). Kept the EMA weights of step {good_step}.")
+            ema.load_state_dict(good_ema)
+            student.diverged_at = step + 1
+            break
+        if (step + 1) % 100 == 0:
+            good_ema, good_step = copy.deepcopy(ema.state_dict()), step + 1
     student.load_state_dict(ema.state_dict())
     return student
+
+
+def divergence_guard(args, n=64):
+    """A per-step check of F's magnitude: guard(net) -> the 1-step jump's excursion outside DATA_RANGE
+    (flowmap.jump_excursion) on fixed noise, half at lam = 1 and half at lam_max; guard.bound is the
+    data's extent. The exact map gives 0; the normalized losses cannot show a drifting F."""
+    g = torch.Generator().manual_seed(args.seed + 4242)               # own stream: training draws unchanged
+    z = torch.randn(n, 2, generator=g)
+    cond = dict(label=one_hot(torch.arange(n) % NUM_CLASSES),
+                lam=torch.where(torch.arange(n) % 2 == 0, 1.0, args.lam_max))
+
+    def guard(net):
+        return jump_excursion(net, z, DATA_RANGE, **cond)
+    guard.bound = (DATA_RANGE[1] - DATA_RANGE[0]).max().item()
+    return guard
 
 
 class Discriminator(torch.nn.Module):
@@ -430,6 +461,9 @@ def main(argv=None):
         g = torch.Generator().manual_seed(args.seed * 1000 + zlib.crc32(name.encode()) % 1000)
         t0 = time.time()
         train(net, g)
+        if getattr(net, "diverged_at", None):
+            print(f"{name}: not cached (stopped at step {net.diverged_at}); evaluating its last good weights")
+            return net.eval()
         torch.save(dict(config=config, state=net.state_dict()), path + ".tmp")
         os.replace(path + ".tmp", path)
         print(f"{name}: trained in {time.time() - t0:.1f}s -> {path}")

@@ -302,3 +302,22 @@ def test_cm_recursion_matches_sampler(steps):
     assert abs(x.std().item() / sigma - 1) < 0.01, (
         f"{steps} steps: the consistency sampler's samples have std {x.std().item():.4f}, the recursion says "
         f"{sigma:.4f}: check what x0_hat = k x does to the variance and what re-noising adds")
+
+
+def test_jump_excursion_measures_how_far_the_one_step_jump_leaves_the_data_range():
+    """Against a per-sample loop: distance of z - F(z, 1, 0) outside the box, RMS over coordinates."""
+    class Const(torch.nn.Module):                                       # F(z, 1, 0) = z - target
+        def __init__(self, target):
+            super().__init__()
+            self.target = target
+
+        def forward(self, x, t, s):
+            return x - self.target
+    lo, hi = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0])
+    z = torch.randn(3, 2)
+    inside = torch.tensor([[0.5, -1.5], [-1.0, 2.0], [0.0, 0.0]])
+    assert flowmap.jump_excursion(Const(inside), z, (lo, hi)) == 0.0
+    outside = torch.tensor([[1.5, 0.0], [0.0, -5.0], [-4.0, 6.0]])     # out by (0.5, 0), (0, 3), (3, 4)
+    expected = max(math.sqrt((0.5 ** 2 + 0) / 2), math.sqrt((0 + 3 ** 2) / 2), math.sqrt((3 ** 2 + 4 ** 2) / 2))
+    assert flowmap.jump_excursion(Const(outside), z, (lo, hi)) == pytest.approx(expected, rel=1e-6)
+

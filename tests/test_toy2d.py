@@ -97,3 +97,26 @@ def test_smoke_run_writes_figure_and_metrics(tmp_path, capsys):
     toy2d.main(argv)                                                    # second run: every model cached
     out = capsys.readouterr().out
     assert out.count(": loaded ") == 6 and "trained" not in out
+
+
+def test_divergence_guard_stops_a_drifting_flow_map_and_keeps_its_last_good_weights(capsys):
+    """A student whose 1-step jump lands far outside the data is stopped at the first step, with a
+    message, and keeps the weights it had (the EMA of step 0); a sane student is not stopped."""
+    import argparse
+    args = argparse.Namespace(batch=16, distill_steps=3, ts_dist="uniform", P_mean=-0.8, P_std=1.0, p_diag=0.0,
+                              p_zero=0.1, weighting="none", warmup=1, r_max=0.99, c=0.1, distill_lr=1e-4,
+                              lam_max=3.0, ema=0.9, seed=0)
+    teacher = toy2d.MLP(hidden=16, depth=2)
+    velocity = lambda x, t, label=None, lam=None: teacher(x, t, t, label=label)
+    g = torch.Generator().manual_seed(0)
+    sane = toy2d.train_flow_map(toy2d.student_from(teacher, hidden=16, depth=2), velocity, args, g, "sane", "lmd")
+    assert getattr(sane, "diverged_at", None) is None
+    student = toy2d.student_from(teacher, hidden=16, depth=2)
+    with torch.no_grad():
+        student.out[1].bias.fill_(1e4)                                  # F(z, 1, 0) ~ 1e4: f far off the data
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    capsys.readouterr()
+    out = toy2d.train_flow_map(student, velocity, args, g, "drift", "lmd")
+    assert out.diverged_at == 1 and "drift: stopped at step 1" in capsys.readouterr().out
+    for k, v in out.state_dict().items():
+        assert torch.equal(v, before[k]), k
