@@ -12,9 +12,14 @@ from losses import grad_penalty, rpgan_d_loss, rpgan_g_loss
 ADV_BETAS = (0.0, 0.99)         # the discriminator head's Adam (R3GAN)
 
 # Adversarial finetuning (AYF Sec. 3.3; docs/method.md §7). Our choices, which the paper leaves open:
-#   fakes         one per row of the global batch, from its own noise z, at the row's label and lam:
-#                 a 1-step sample f(z, 1, 0) or a 2-step one (1 -> 0.5 -> 0), half and half; each is
-#                 paired with the row's real image, which has the same label (relativistic pairs).
+#   fakes         one per row of the global batch, from its own noise z, at the row's label and at
+#                 lam = --adv-lam: a 1-step sample f(z, 1, 0) or a 2-step one (1 -> 0.5 -> 0), half and
+#                 half; each is paired with the row's real image, which has the same label (relativistic
+#                 pairs). Why one lam: D compares fakes with real, unguided data, so at any lam it pulls
+#                 the fakes toward the unguided distribution; giving D lam would not change that (its
+#                 reals would still be unguided). So the GAN finetunes the one lam users sample with,
+#                 where matching the data is the goal (FID is measured there), and the distillation term,
+#                 at lam ~ U, keeps the other lam on the guided teacher.
 #   D             the frozen teacher (EMA) encoder, UNet.features, at a noise level t_D ~ U[t_min, adv_t_max]
 #                 shared by the real and the fake of a pair (same t_D, same noise), then DiscriminatorHead.
 #   R1 / R2       taken w.r.t. the clean image x, through the noising and the frozen encoder: D is a

@@ -27,9 +27,10 @@ def flow_map(net, x, t, s, **cond):
     return x + bcast(s - t, x) * net(x, t, s, **cond)
 
 
-def jump_excursion(net, z, data_range, **cond):
-    """How far the 1-step jump f(z, 1, 0) = z - F(z, 1, 0) lands outside the data range [lo, hi]:
-    the largest per-sample RMS of f - clamp(f, lo, hi) over the noise z (N, ...), a float.
+def jump_excursion(net, z, data_range, t_max=1.0, **cond):
+    """How far the 1-step jump f(x, t_max, 0) from x = t_max z (the sampler's start, time_grid) lands
+    outside the data range [lo, hi]: the largest per-sample RMS of f - clamp(f, lo, hi) over the noise
+    z (N, ...), a float.
 
     The exact map's 1-step jump is a data point, so this is 0 for it and |F(z, 1, 0) - z| stays
     within the data's extent. Training loops watch it as a divergence guard on F's magnitude: a
@@ -37,8 +38,8 @@ def jump_excursion(net, z, data_range, **cond):
     """
     lo, hi = data_range
     with torch.no_grad():
-        ones = torch.ones(len(z), device=z.device)
-        f = flow_map(net, z, ones, torch.zeros_like(ones), **cond)
+        start = torch.full((len(z),), t_max, device=z.device)
+        f = flow_map(net, t_max * z, start, torch.zeros_like(start), **cond)
         return (f - torch.clamp(f, lo, hi)).float().square().flatten(1).mean(dim=1).sqrt().max().item()
 
 

@@ -34,7 +34,9 @@ Stages:
               cfg: the weak model is the teacher without label; none: the plain teacher.
     adv       adversarial finetuning (AYF Sec. 3.3) of a distilled student (--init, its EMA weights):
               the distillation loss (r = r_max, no warmup) + --adv-weight x RpGAN on 1- and 2-step
-              samples, against a discriminator on the frozen teacher's encoder (adversarial.py).
+              samples, against a discriminator on the frozen teacher's encoder (adversarial.py). The
+              fakes are made at --adv-lam (the lam you will sample with), the distillation term keeps
+              lam ~ U; with --weighting adaptive (--init's by default) its u(t, s) is --init's.
 The EMD / LMD loss values in the log are surrogates (about 1 / (3 R^2)): only their gradients mean
 something; follow the gradient norm and the samples instead. --precision bf16 autocasts every
 forward, the JVP included; F, dF/dt, v and the EMD / LMD targets stay float32 (the U-Net computes
@@ -46,7 +48,8 @@ samples at a time and accumulates. 1 process, 8 processes or 8 accumulation roun
 step, up to float summation order: see draw() and the loss scaling in train().
 
 Outputs in --out: config.json (the resolved configuration), log.jsonl (a JSON line per status line),
-snapshot.pt {"config", "ema", "step"} (what load_snapshot() needs) and training-state.pt {"config",
+snapshot.pt {"config", "ema", "step", "weight"} (load_snapshot() needs the first three; weight: the
+adaptive weighting head, for --stage adv) and training-state.pt {"config",
 "step", "skipped", "net", "ema", "optimizer", "weight", "disc", "disc_optimizer"} (resume; weight:
 --weighting adaptive; disc*: --stage adv), plain state_dicts that rank 0 writes atomically every
 --snapshot-kimg and at the end. No RNG state is saved: every draw is a function of (seed, step), and
@@ -78,7 +81,7 @@ import edm2
 import unet
 from adversarial import build_discriminator, rpgan_d_objective, rpgan_g_objective
 from dataset import DataError, batch_indices, get_batch, load_dataset
-from flowmap import as_velocity, guided_velocity
+from flowmap import as_velocity, guided_velocity, jump_excursion
 from launch import (exit_worker, launch, mean_over_ranks, no_sync, rank0_first, setup_process, split_batch,
                     stop_requests)                  # exit_worker: for the tests' process-group workers
 from losses import AdaptiveWeight, emd_loss, fm_loss, lmd_loss, sample_t_s, tangent_warmup
@@ -172,6 +175,8 @@ def parse_config(argv=None):
     add("--adv-gamma",     default=0.1,   type=float, help="R1 / R2 weight gamma of the discriminator")
     add("--adv-lr",        default=2e-4,  type=float, help="learning rate of the discriminator head (Adam)")
     add("--adv-t-max",     default=0.8,   type=float, help="D sees x_tD = (1 - t_D) x + t_D eps, t_D ~ U[t_min, this]")
+    add("--adv-lam",       default=None,  type=float, help="lam of the fakes: the lam you sample with (1, as "
+                                                               "sample.py); the distillation term keeps lam ~ U")
     # Data, launch and bookkeeping.
     add("--resolution",    default=None,  type=int)
     add("--cache-dir",     default=None,             help="dataset cache (beside the source)")
@@ -188,6 +193,8 @@ def parse_config(argv=None):
     teacher_cfg = init_cfg = None
     if stage != "adv" and cfg["init"] is not None:
         raise ValueError(f"--init is for --stage adv, not --stage {stage}")
+    if stage != "adv" and cfg["adv_lam"] is not None:
+        raise ValueError(f"--adv-lam is for --stage adv, not --stage {stage}")
     if stage == "teacher":
         for flag in ("teacher", "guide", "loss", "guidance"):
             if cfg[flag] is not None:
@@ -264,6 +271,14 @@ def parse_config(argv=None):
     if stage == "adv":      # go on at the learning rate where the distillation ended, constant; r = r_max
         resolved.update(lr=learning_rate(num_steps(init_cfg) - 1, init_cfg), lr_rampup=0, lr_decay=0, warmup=0)
     cfg.update({k: v for k, v in resolved.items() if cfg[k] is None})
+    if stage == "adv":
+        cfg["adv_lam"] = 1.0 if cfg["adv_lam"] is None else cfg["adv_lam"]
+        if cfg["adv_lam"] != 1 and cfg["guidance"] == "none":
+            raise ValueError(f"--init {cfg['init']} was distilled without guidance, so it samples only at lam 1; "
+                             f"drop --adv-lam {cfg['adv_lam']:g}")
+        if not cfg["lam_min"] <= cfg["adv_lam"] <= cfg["lam_max"]:
+            raise ValueError(f"--adv-lam {cfg['adv_lam']:g} lies outside the distilled range [{cfg['lam_min']:g}, "
+                             f"{cfg['lam_max']:g}] (--lam-min, --lam-max)")
     if stage != "teacher" and cfg["jvp"] == "fd" and cfg["precision"] == "bf16":
         raise ValueError("--jvp fd with --precision bf16: the central difference divides bf16 rounding "
                          "by 2h (relative gradient error 0.9 measured by bench.py); use --precision fp32 "
@@ -322,6 +337,20 @@ def load_snapshot(path, device="cpu"):
     net = build_network(data["config"]).to(device)
     net.load_state_dict(data["ema"])
     return net.eval().requires_grad_(False), data["config"]
+
+
+def distilled_weighting(path, device="cpu"):
+    """The adaptive weighting head u(t, s) of a distill run (folder or snapshot.pt), for --stage adv to go
+    on with: from the snapshot, or, for snapshots that predate it there, from the training state beside it."""
+    weight = torch.load(snapshot_file(path), map_location=device, weights_only=True).get("weight")
+    state_path = snapshot_file(path).parent / "training-state.pt"
+    if weight is None and state_path.exists():
+        weight = torch.load(state_path, map_location=device, weights_only=True)["weight"]
+    if weight is None:
+        raise ValueError(f"--init {path} was distilled with --weighting adaptive, but neither its snapshot nor a "
+                         f"training-state.pt beside it holds the weighting head; give the run folder or use "
+                         f"--weighting none")
+    return weight
 
 
 def save_atomic(obj, path):
@@ -408,6 +437,17 @@ def draw(cfg, step, B, device):
     return d
 
 
+def divergence_probe(cfg, num_classes, device, n=4):
+    """The divergence guard's fixed inputs, the same on every rank: noise (n, 3, R, R) and its cond
+    (labels 0, 1, ..., lam alternating lam_min and lam_max for a student with a lam input)."""
+    gen = torch.Generator(device).manual_seed(seed_of(cfg["seed"], 2**32 - 1))
+    z = torch.randn(n, 3, cfg["resolution"], cfg["resolution"], generator=gen, device=device)
+    cond = dict(label=torch.eye(num_classes, device=device)[torch.arange(n, device=device) % num_classes])
+    if cfg["cond_lam"]:
+        cond["lam"] = torch.tensor([cfg["lam_min"], cfg["lam_max"]] * (n // 2), device=device)
+    return z, cond
+
+
 def teacher_velocity(teacher, guide, guidance):
     """The velocity the student distills (docs/method.md §6): autoguided by the weak guide, CFG's (the
     weak model is the teacher without label), or the plain teacher's (guidance none)."""
@@ -474,6 +514,8 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
         velocity = teacher_velocity(teacher, guide, cfg["guidance"])
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     weight = AdaptiveWeight().to(device) if cfg["weighting"] == "adaptive" else None
+    if weight and stage == "adv" and read_config(cfg["init"])["weighting"] == "adaptive":
+        weight.load_state_dict(distilled_weighting(cfg["init"], device))   # u(t, s) as the distillation left it
     params = list(net.parameters()) + (list(weight.parameters()) if weight else [])
     optimizer = torch.optim.Adam(params, lr=cfg["lr"], betas=ADAM_BETAS)
     head = optimizer_D = None
@@ -504,6 +546,9 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     device_ids = [device] if device.type == "cuda" else None
     ddp = net if world_size == 1 else DistributedDataParallel(net, device_ids=device_ids)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
+
+    guard_z, guard_cond = divergence_probe(cfg, ds.num_classes, device)
+    saved_step = step if state_path.exists() else None
 
     # Main training loop.
     sums = torch.zeros(5, device=device)            # over the finite steps: loss, adv: G adv, D loss, D gap, R1 + R2
@@ -538,7 +583,10 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                         objective = weight(loss, d["t"], d["s"]) if weight else loss       # exp(-u) L + u
                         if stage == "adv":                          # + w RpGAN, through the student's jumps
                             d_cond = dict(t=d["t_D"], eps=d["eps_D"], label=label)
-                            g_adv, fake = rpgan_g_objective(ddp, D, x0, d["z"], d["u"], d_cond, cfg["t_max"], **cond)
+                            fake_cond = dict(cond, lam=torch.full_like(d["lam"], cfg["adv_lam"])) \
+                                if cfg["cond_lam"] else cond            # fakes at the sampling lam (adversarial.py)
+                            g_adv, fake = rpgan_g_objective(ddp, D, x0, d["z"], d["u"], d_cond, cfg["t_max"],
+                                                            **fake_cond)
                             objective = objective + cfg["adv_weight"] * g_adv
                             step_sums[1] += g_adv.detach().sum()
                             pairs.append((x0, fake.detach(), d_cond))
@@ -563,10 +611,22 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
             finite = torch.isfinite(grad_norm) & torch.isfinite(step_sums).all()
             if head:
                 finite &= torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in head.parameters()]))
-            flags = torch.stack([~finite, torch.tensor(bool(stop_requested), device=device)]).float()
+            # Divergence guard on F's magnitude, which the normalized losses cannot show: the current
+            # weights' 1-step jump f(z, 1, 0) = z - F(z, 1, 0) (from t_max) must land near [-1, 1]
+            # (the exact map's lands in it). Beyond a whole range width (2, RMS) F is drifting away.
+            excursion = jump_excursion(net, guard_z, (-1.0, 1.0), cfg["t_max"], **guard_cond)
+            flags = torch.tensor([not bool(finite), bool(stop_requested), excursion], device=device).float()
             if world_size > 1:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            nonfinite, stop = flags.tolist()
+            nonfinite, stop, excursion = flags.tolist()
+            if excursion > 2 or not math.isfinite(excursion):
+                if rank == 0:
+                    kept = (f"{out} keeps the snapshot and training state of step {saved_step}"
+                            if saved_step is not None else "nothing was saved yet")
+                    print(f"step {step}: stopped: the 1-step jump f(z, 1, 0) lands {excursion:.3g} (RMS) outside "
+                          f"the data range [-1, 1], more than its width 2: F is diverging (README, 'LMD "
+                          f"divergence'). Not saved; {kept}. Rerun from there with a lower --lr or --loss emd.")
+                raise SystemExit(1)
             if nonfinite:
                 skipped += 1
                 if rank == 0:
@@ -598,7 +658,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                              grad_norm=grad_norm_sum.item() / max(finite_steps, 1),
                              sec_per_kimg=(time.time() - tick) / (steps_since * B / 1000),
                              eta_sec=(time.time() - tick) / steps_since * (total_steps - step),
-                             mem_gib=peak_memory_gib(device), skipped=skipped)
+                             mem_gib=peak_memory_gib(device), skipped=skipped, jump_excursion=excursion)
                 if stage == "adv":
                     stats.update(zip(("g_adv", "d_loss", "d_real_minus_fake", "r1_r2"), (sums[1:] / n).tolist()))
                 if rank == 0:
@@ -611,8 +671,11 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                 tick = time.time()
 
             # Save snapshot: rank 0 writes both files (every rank holds the same weights).
+            if step % snapshot_every == 0 or done:
+                saved_step = step
             if rank == 0 and (step % snapshot_every == 0 or done):
-                save_atomic(dict(config=cfg, ema=ema.state_dict(), step=step), out / "snapshot.pt")
+                save_atomic(dict(config=cfg, ema=ema.state_dict(), step=step,
+                                 weight=weight.state_dict() if weight else None), out / "snapshot.pt")
                 save_atomic(dict(config=cfg, step=step, skipped=skipped, net=net.state_dict(),
                                  ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                                  weight=weight.state_dict() if weight else None,

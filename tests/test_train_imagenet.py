@@ -455,3 +455,74 @@ def test_distillation_recipe_defaults(tmp_path):
     adv = ti.parse_config(["--data", "synthetic", "--stage", "adv", "--teacher", str(tmp_path / "teacher-S.pt"),
                            "--init", str(tmp_path / "ayf-S.pt")])
     assert (adv["p_zero"], adv["weighting"]) == (0.1, "adaptive")
+
+
+def test_adv_fakes_are_made_at_adv_lam_and_the_distillation_term_keeps_lam_uniform(runs, distilled, tmp_path,
+                                                                                  monkeypatch):
+    seen = {"fake": [], "distill": []}
+    g_objective, distill_objective = ti.rpgan_g_objective, ti.distill_objective
+    def g_recording(*args, **cond):
+        seen["fake"].append(cond["lam"])
+        return g_objective(*args, **cond)
+    def distill_recording(*args, **cond):
+        seen["distill"].append(cond["lam"])
+        return distill_objective(*args, **cond)
+    monkeypatch.setattr(ti, "rpgan_g_objective", g_recording)
+    monkeypatch.setattr(ti, "distill_objective", distill_recording)
+    ti.main(adv(runs, tmp_path / "lam2", *kimg(1), "--adv-lam", "2"))
+    assert torch.equal(torch.cat(seen["fake"]), torch.full((B,), 2.0))
+    lam = torch.cat(seen["distill"])
+    assert lam.min() >= 1 and lam.max() <= 3 and lam.std() > 0.1                 # lam ~ U[1, 3] as distilled
+    assert ti.parse_config(adv(runs, tmp_path / "unused"))["adv_lam"] == 1.0      # sample.py's default lam
+    with pytest.raises(ValueError, match="--adv-lam 4 lies outside the distilled range"):
+        ti.main(adv(runs, tmp_path / "bad", "--adv-lam", "4"))
+    with pytest.raises(ValueError, match="--adv-lam is for --stage adv"):
+        ti.main(distill(runs, tmp_path / "bad", "--adv-lam", "2"))
+
+
+def test_adv_goes_on_with_the_distilled_adaptive_weighting(runs, tmp_path):
+    """--weighting adaptive: the adv stage starts from the distilled u(t, s) (learning rate 0 keeps it
+    as loaded), from the snapshot, or from the training state beside an older snapshot; it is --init's
+    weighting by default; without the head anywhere it is a clear error."""
+    ti.main(distill(runs, tmp_path / "ayf-w", *kimg(2), "--weighting", "adaptive"))
+    distilled_u = state(tmp_path / "ayf-w")["weight"]
+    assert max(v.abs().max() for v in distilled_u.values()) > 0             # trained away from u = 0
+    assert_same_tensors(torch.load(tmp_path / "ayf-w" / "snapshot.pt")["weight"], distilled_u)
+    assert ti.parse_config(adv(runs, tmp_path / "x", init=tmp_path / "ayf-w"))["weighting"] == "adaptive"
+
+    ti.main(adv(runs, tmp_path / "adv", *kimg(1), "--lr", "0", init=tmp_path / "ayf-w"))
+    assert_same_tensors(state(tmp_path / "adv")["weight"], distilled_u)
+
+    snapshot = torch.load(tmp_path / "ayf-w" / "snapshot.pt")              # as written before it held the head
+    del snapshot["weight"]
+    torch.save(snapshot, tmp_path / "ayf-w" / "snapshot.pt")
+    ti.main(adv(runs, tmp_path / "adv-old", *kimg(1), "--lr", "0", init=tmp_path / "ayf-w"))
+    assert_same_tensors(state(tmp_path / "adv-old")["weight"], distilled_u)
+
+    (tmp_path / "lone").mkdir()
+    torch.save(snapshot, tmp_path / "lone" / "snapshot.pt")                # no training state beside it
+    with pytest.raises(ValueError, match="holds the weighting head"):
+        ti.main(adv(runs, tmp_path / "adv-lone", *kimg(1), init=tmp_path / "lone" / "snapshot.pt"))
+
+
+def test_divergence_guard_stops_without_overwriting_the_last_good_state(runs, tmp_path, monkeypatch, capsys):
+    """When the 1-step jump of the current weights lands more than the data range's width outside it,
+    the run stops with a message naming the kept step, and the saved state is that of a straight run
+    of that length. Every other test's run passes the same guard with real networks."""
+    every_step = ["--snapshot-kimg", str(B / 1000)]
+    ti.main(distill(runs, tmp_path / "straight", *kimg(2), *every_step))
+    calls, jump_excursion = [], ti.jump_excursion
+    def drifting_at_step_2(*args, **kwargs):
+        calls.append(1)
+        return 5.0 if len(calls) == 3 else jump_excursion(*args, **kwargs)
+    monkeypatch.setattr(ti, "jump_excursion", drifting_at_step_2)
+    with pytest.raises(SystemExit):
+        ti.main(distill(runs, tmp_path / "drift", *kimg(4), *every_step))
+    out = capsys.readouterr().out
+    assert "step 2: stopped: the 1-step jump f(z, 1, 0) lands 5 (RMS) outside" in out
+    assert "keeps the snapshot and training state of step 2" in out
+    a, b = state(tmp_path / "straight"), state(tmp_path / "drift")
+    assert b["step"] == 2
+    for key in ("net", "ema"):
+        assert_same_tensors(a[key], b[key])
+    assert all(math.isfinite(line["jump_excursion"]) for line in log(tmp_path / "straight"))
