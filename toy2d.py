@@ -34,6 +34,7 @@ from losses import (AdaptiveWeight, emd_loss, fm_loss, grad_penalty, lmd_loss, r
 # The data: a class-conditional Gaussian mixture with an exact velocity and flow map.
 
 NUM_CLASSES = 2
+STUDENTS = ("emd", "lmd", "cm", "adv")          # flow maps, cached with their adaptive weighting head
 
 
 def make_mixture(components_per_class=24, std=0.06):
@@ -276,15 +277,20 @@ def train_teacher(net, steps, batch, lr, label_dropout, g, desc, t_dist="uniform
     return net
 
 
-def train_flow_map(student, velocity, args, g, desc, objective, adv=None):
+def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight_state=None):
     """Distill `velocity` (lam-guided) into the flow map `student` with AYF-EMD, AYF-LMD or the CM baseline.
 
     objective: 'emd', 'lmd', or 'cm' (emd_loss with s = 0: the continuous-time consistency model).
     adv: None, or (discriminator, steps) for the adversarial finetuning stage (AYF Sec. 3.3), which
-    adds a weighted RpGAN generator loss on 1- and 2-step samples to the EMD objective.
+    adds a weighted RpGAN generator loss on 1- and 2-step samples, made at lam = args.adv_lam, to the
+    EMD objective (why one lam: train_imagenet.py's adversarial.py).
+    weight_state: the adaptive weighting head to go on with (the adv stage: the distilled one's).
+    Returns the student with its EMA weights, and its weighting head as student.weight_state.
     """
     steps = adv[1] if adv else args.distill_steps
     weight = AdaptiveWeight() if args.weighting == "adaptive" else None
+    if weight and weight_state is not None:
+        weight.load_state_dict(weight_state)
     params = list(student.parameters()) + (list(weight.parameters()) if weight else [])
     opt = torch.optim.Adam(params, lr=args.distill_lr, betas=(0.9, 0.99))
     if adv:
@@ -311,11 +317,14 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None):
         loss = weight(loss, t, s).mean() if weight else loss.mean()
 
         if adv:
-            # Generator: 1- and 2-step samples from pure noise, paired with real samples of the same label.
+            # Generator: 1- and 2-step samples from pure noise at the sampling lam (D's reals are
+            # unguided data), paired with real samples of the same label.
             z = torch.randn(args.batch, 2, generator=g)
             ones, zeros, half = torch.ones(args.batch), torch.zeros(args.batch), torch.full((args.batch,), 0.5)
-            fake = torch.cat([flow_map(student, z, ones, zeros, **cond),
-                              flow_map(student, flow_map(student, z, ones, half, **cond), half, zeros, **cond)])
+            fake_cond = dict(cond, lam=torch.full_like(lam, args.adv_lam))
+            fake = torch.cat([flow_map(student, z, ones, zeros, **fake_cond),
+                              flow_map(student, flow_map(student, z, ones, half, **fake_cond), half, zeros,
+                                       **fake_cond)])
             real = torch.cat([x0, sample_data(args.batch, label, g)])
             lab2 = torch.cat([cond["label"]] * 2)
             loss = loss + args.adv_weight * rpgan_g_loss(D(real, label=lab2), D(fake, label=lab2)).mean()
@@ -347,6 +356,7 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None):
         if (step + 1) % 100 == 0:
             good_ema, good_step = copy.deepcopy(ema.state_dict()), step + 1
     student.load_state_dict(ema.state_dict())
+    student.weight_state = weight.state_dict() if weight else None
     return student
 
 
@@ -430,6 +440,7 @@ def main(argv=None):
     p.add_argument("--adv-lr", type=float, default=5e-4)
     p.add_argument("--adv-weight", type=float, default=0.1)
     p.add_argument("--adv-gamma", type=float, default=0.1, help="R1/R2 weight gamma")
+    p.add_argument("--adv-lam", type=float, default=1.0, help="lam of the adversarial fakes (the evaluated lam)")
     p.add_argument("--lam-max", type=float, default=3.0, help="distill with lam ~ U[1, lam_max] (AYF: 3)")
     p.add_argument("--guidance", type=float, default=2.0, help="lam for the guided rows")
     args = p.parse_args(argv)
@@ -453,18 +464,20 @@ def main(argv=None):
         net = build()
         if not args.retrain and os.path.exists(path):
             ckpt = torch.load(path, weights_only=True)
-            if ckpt["config"] == config:
+            if ckpt["config"] == config and (name not in STUDENTS or "weight" in ckpt):
                 net.load_state_dict(ckpt["state"])
+                net.weight_state = ckpt.get("weight")
                 print(f"{name}: loaded {path}")
                 return net.eval()
-            print(f"{name}: config changed since {path} was written; retraining")
+            print(f"{name}: config changed since {path} was written (or it predates the cached weighting); retraining")
         g = torch.Generator().manual_seed(args.seed * 1000 + zlib.crc32(name.encode()) % 1000)
         t0 = time.time()
         train(net, g)
         if getattr(net, "diverged_at", None):
             print(f"{name}: not cached (stopped at step {net.diverged_at}); evaluating its last good weights")
             return net.eval()
-        torch.save(dict(config=config, state=net.state_dict()), path + ".tmp")
+        torch.save(dict(config=config, state=net.state_dict(), weight=getattr(net, "weight_state", None)),
+                   path + ".tmp")
         os.replace(path + ".tmp", path)
         print(f"{name}: trained in {time.time() - t0:.1f}s -> {path}")
         return net.eval()
@@ -496,14 +509,15 @@ def main(argv=None):
                                  lambda n, g, m=m: train_flow_map(n, v_autoguided, args, g, m, m))
     if "adv" in methods:
         adv_cfg = dict(distill_cfg, adv_steps=args.adv_steps, adv_lr=args.adv_lr, adv_weight=args.adv_weight,
-                       adv_gamma=args.adv_gamma)
+                       adv_gamma=args.adv_gamma, adv_lam=args.adv_lam)
 
         def finetune(n, g):
             n.load_state_dict(students["emd"].state_dict())
             with torch.random.fork_rng():                               # D's init: the same whichever
                 torch.manual_seed(args.seed)                            # models this run trained before
                 D = Discriminator()
-            return train_flow_map(n, v_autoguided, args, g, "adv", "emd", adv=(D, args.adv_steps))
+            return train_flow_map(n, v_autoguided, args, g, "adv", "emd", adv=(D, args.adv_steps),
+                                  weight_state=students["emd"].weight_state)
         students["adv"] = cached("adv", adv_cfg, lambda: student_from(teacher, **size), finetune)
     train_time = time.time() - start
 

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+import losses
 import toy2d
 
 
@@ -120,3 +121,26 @@ def test_divergence_guard_stops_a_drifting_flow_map_and_keeps_its_last_good_weig
     assert out.diverged_at == 1 and "drift: stopped at step 1" in capsys.readouterr().out
     for k, v in out.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_adv_fakes_at_adv_lam_and_the_distilled_weighting_goes_on():
+    """The adversarial finetune makes its fakes at lam = --adv-lam while the EMD term keeps lam ~ U[1, 3],
+    and it starts from the weighting head it is given (lr 0 keeps it as given)."""
+    import argparse
+    args = argparse.Namespace(batch=16, distill_steps=3, ts_dist="uniform", P_mean=-0.8, P_std=1.0, p_diag=0.0,
+                              p_zero=0.1, weighting="adaptive", warmup=1, r_max=0.99, c=0.1, distill_lr=0.0,
+                              lam_max=3.0, ema=0.9, seed=0, adv_lr=1e-3, adv_weight=0.1, adv_gamma=0.1, adv_lam=2.0)
+    teacher = toy2d.MLP(hidden=16, depth=2)
+    velocity = lambda x, t, label=None, lam=None: teacher(x, t, t, label=label)
+    student = toy2d.student_from(teacher, hidden=16, depth=2)
+    lams = []
+    student.register_forward_pre_hook(lambda m, args, kwargs: lams.append(kwargs["lam"].clone()), with_kwargs=True)
+    head = losses.AdaptiveWeight()
+    torch.nn.init.normal_(head.linear.weight)
+    out = toy2d.train_flow_map(student, velocity, args, torch.Generator().manual_seed(0), "adv", "emd",
+                               adv=(toy2d.Discriminator(hidden=16), 2), weight_state=head.state_dict())
+    at_adv_lam = [lam for lam in lams if torch.equal(lam, torch.full_like(lam, 2.0))]
+    assert len(at_adv_lam) == 3 * 2                                     # 1-step + 2-step fakes, 2 steps
+    assert sum(lam.std() > 0.1 and lam.min() >= 1 and lam.max() <= 3 for lam in lams) >= 2   # EMD, lam ~ U
+    for k, v in head.state_dict().items():
+        assert torch.equal(out.weight_state[k], v), k
