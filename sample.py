@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 import fid
 import train_imagenet as ti
+from checkpoint import UsageError, check_device, check_ranges, check_writable
 from dataset import DataError, load_dataset
 from flowmap import as_velocity, guided_velocity, sample_flow_map, sample_gamma, sample_ode, time_grid
 from launch import launch, setup_process, under_torchrun
@@ -97,7 +98,7 @@ def parse_args(argv=None):
     add("--reps",          default=5,    type=int,    help="--bench: timed batches after one warm-up batch")
     # Launch.
     add("--batch",         default=64,   type=int,    help="images per process and forward")
-    add("--device",        default="auto",            help="auto (cuda if available), cuda or cpu")
+    add("--device",        default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if there is one")
     add("--gpus",          default=1,    type=int,    help="processes to spawn on this machine")
     return p.parse_args(argv)
 
@@ -110,9 +111,9 @@ def parse_ints(text, flag):
             first, _, last = part.partition("-")
             values += range(int(first), int(last or first) + 1)
     except ValueError:
-        raise ValueError(f"{flag} expects integers and ranges like 0-63 or 1,5,207, got {text!r}") from None
+        raise UsageError(f"{flag} expects integers and ranges like 0-63 or 1,5,207, got {text!r}") from None
     if not values:
-        raise ValueError(f"{flag} {text!r} is empty")
+        raise UsageError(f"{flag} {text!r} is empty")
     return values
 
 
@@ -125,68 +126,70 @@ def resolve_args(args, config):
     what = f"--ckpt {args.ckpt} is a {'flow map' if flow_map else 'teacher'} (stage {config['stage']})"
     if flow_map:
         if args.guide or args.cfg:
-            raise ValueError(f"{what}: --guide and --cfg guide a teacher's ODE; a flow map distilled with "
+            raise UsageError(f"{what}: --guide and --cfg guide a teacher's ODE; a flow map distilled with "
                              f"guidance takes lam as an input, set by --guidance")
         if args.solver and not args.teacher:
-            raise ValueError(f"{what}: --solver is for a teacher's ODE (or --bench --teacher)")
+            raise UsageError(f"{what}: --solver is for a teacher's ODE (or --bench --teacher)")
         if args.guidance != 1 and not config["cond_lam"]:
-            raise ValueError(f"{what} distilled with --guidance {config['guidance']}, so it has no lam input; "
+            raise UsageError(f"{what} distilled with --guidance {config['guidance']}, so it has no lam input; "
                              f"it samples only at --guidance 1, not {args.guidance}")
         if args.guidance != 1 and not config["lam_min"] <= args.guidance <= config["lam_max"]:
             warnings.warn(f"--guidance {args.guidance} lies outside the lam range [{config['lam_min']}, "
                           f"{config['lam_max']}] the student was trained on")
         if not 0 <= args.gamma <= 1:
-            raise ValueError(f"--gamma must lie in [0, 1], got {args.gamma}")
+            raise UsageError(f"--gamma must lie in [0, 1], got {args.gamma}")
     else:
         if args.gamma:
-            raise ValueError(f"{what}: --gamma is for flow-map sampling")
+            raise UsageError(f"{what}: --gamma is for flow-map sampling")
         if args.teacher or args.teacher_steps:
-            raise ValueError(f"{what}: --teacher and --teacher-steps compare a flow map with its teacher")
+            raise UsageError(f"{what}: --teacher and --teacher-steps compare a flow map with its teacher")
         if args.guide and args.cfg:
-            raise ValueError("--guide (autoguidance) and --cfg are two kinds of guidance; pick one")
+            raise UsageError("--guide (autoguidance) and --cfg are two kinds of guidance; pick one")
         if args.guidance != 1 and not (args.guide or args.cfg):
-            raise ValueError(f"--guidance {args.guidance} on a teacher needs a weak model: --guide RUN or --cfg")
+            raise UsageError(f"--guidance {args.guidance} on a teacher needs a weak model: --guide RUN or --cfg")
         if args.cfg and config["label_dropout"] == 0:
-            raise ValueError(f"{what} was trained without label dropout, so it has no unconditional mode for --cfg")
+            raise UsageError(f"{what} was trained without label dropout, so it has no unconditional mode for --cfg")
         if args.guide:
             check_same_kind(config, ti.read_config(args.guide), f"--guide {args.guide}")
     if args.teacher:
         if not args.bench:
-            raise ValueError("--teacher is only used by --bench")
+            raise UsageError("--teacher is only used by --bench")
         check_same_kind(config, ti.read_config(args.teacher), f"--teacher {args.teacher}")
 
     outputs = [flag for flag in ("grid", "outdir", "out") if getattr(args, flag)]
     if args.bench and (outputs or args.fid):
-        raise ValueError("--bench only measures speed; run it without --grid, --outdir, --out and --fid")
+        raise UsageError("--bench only measures speed; run it without --grid, --outdir, --out and --fid")
     if not (outputs or args.fid or args.bench):
-        raise ValueError("nothing to do: pass --grid, --outdir, --out, --fid or --bench")
+        raise UsageError("nothing to do: pass --grid, --outdir, --out, --fid or --bench")
     if args.fid:
         if not args.detector:
-            raise ValueError("--fid needs --detector, the Inception TorchScript file inception-2015-12-05.pt "
+            raise UsageError("--fid needs --detector, the Inception TorchScript file inception-2015-12-05.pt "
                              f"(fetch it once by hand from {fid.DETECTOR_URL}; nothing is downloaded here)")
         if bool(args.ref) == bool(args.ref_data):
-            raise ValueError("--fid needs exactly one reference: --ref stats.npz (mu, sigma) or --ref-data SOURCE")
+            raise UsageError("--fid needs exactly one reference: --ref stats.npz (mu, sigma) or --ref-data SOURCE")
         for path in (args.detector, args.ref):
             if path and not os.path.isfile(path):
-                raise FileNotFoundError(f"no such file: {path}")
-    if args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+                raise UsageError(f"no such file: {path}")
+    check_ranges(vars(args), positive=("num", "batch", "reps", "teacher_steps", "gpus"))
+    check_device(args.device, args.gpus)
+    for flag in outputs:                                            # before sampling, which may take hours
+        check_writable(getattr(args, flag), f"--{flag}", folder=flag == "outdir")
 
     args.flow_map = flow_map
     args.steps = parse_ints(args.steps or ("4" if flow_map else "32"), "--steps")
     if min(args.steps) < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
     args.solver = args.solver or "heun"
     args.teacher_steps = args.teacher_steps or 32
     if args.seeds and args.num:
-        raise ValueError("--seeds and --num both say which images to sample; give one")
+        raise UsageError("--seeds and --num both say which images to sample; give one")
     if args.seeds:
         args.seeds = parse_ints(args.seeds, "--seeds")
     else:
         args.seeds = list(range(args.num or (50000 if args.fid else 64)))
     args.classes = parse_ints(args.classes, "--classes") if args.classes else None
     if args.classes and not all(0 <= k < config["num_classes"] for k in args.classes):
-        raise ValueError(f"--classes must lie in 0..{config['num_classes'] - 1}, got {args.classes}")
+        raise UsageError(f"--classes must lie in 0..{config['num_classes'] - 1}, got {args.classes}")
     return args
 
 
@@ -195,7 +198,7 @@ def check_same_kind(config, other, what):
     ti.check_stage(other, "teacher", what)
     for key in ("resolution", "num_classes"):
         if other[key] != config[key]:
-            raise ValueError(f"{what} has {key} {other[key]}, but --ckpt has {config[key]}")
+            raise UsageError(f"{what} has {key} {other[key]}, but --ckpt has {config[key]}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,15 +462,15 @@ def main(argv=None):
     args = parse_args(argv)
     resolve_args(args, ti.read_config(args.ckpt))                       # read_config: no snapshot, clear error
     if args.bench and args.gpus > 1:
-        raise ValueError("--bench times one process; drop --gpus")
+        raise UsageError("--bench times one process; drop --gpus")
     if args.bench and under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-        raise ValueError("--bench times one process; launch it without torchrun")
+        raise UsageError("--bench times one process; launch it without torchrun")
     launch(run, args, args.gpus, args.device)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except DataError as error:                                      # a wrong --ref-data: one line
+    except (DataError, UsageError) as error:                        # a user's mistake: one line, exit code 2
         print(f"sample.py: error: {error}", file=sys.stderr)
         sys.exit(2)

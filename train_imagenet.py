@@ -52,8 +52,10 @@ snapshot.pt {"config", "ema", "step", "weight"} (load_snapshot() needs the first
 adaptive weighting head, for --stage adv) and training-state.pt {"config",
 "step", "skipped", "net", "ema", "optimizer", "weight", "disc", "disc_optimizer"} (resume; weight:
 --weighting adaptive; disc*: --stage adv), plain state_dicts that rank 0 writes atomically every
---snapshot-kimg and at the end. No RNG state is saved: every draw is a function of (seed, step), and
-dropout (M and L teachers only) of (seed, step, rank).
+--snapshot-kimg and at the end, with a sha256 checked on every load; the files before the last save
+stay as *-prev.pt, and run.lock holds the folder while a run uses it (checkpoint.py). No RNG state is
+saved: every draw is a function of (seed, step), and dropout (M and L teachers only) of (seed, step, rank).
+A rerun with other flags or data than the saved config is refused unless --force-resume.
 """
 import os
 
@@ -63,6 +65,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -77,9 +80,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import edm2
 import unet
 from adversarial import build_discriminator, rpgan_d_objective, rpgan_g_objective
+from checkpoint import (RunLock, UsageError, build_network, check_device, check_disk_space, check_flags,
+                        check_ranges, check_same_run, check_stage, check_writable, checkpoint_bytes,
+                        data_fingerprint, distilled_weighting, load_checked, load_snapshot, read_config,
+                        resolve_from_checkpoints,
+                        save_atomic, snapshot_file)     # some re-exported: sample.py and the tests use them
 from dataset import DataError, batch_indices, get_batch, load_dataset
 from flowmap import as_velocity, guided_velocity, jump_excursion
 from launch import (exit_worker, launch, mean_over_ranks, no_sync, rank0_first, setup_process, split_batch,
@@ -119,9 +126,6 @@ STAGES = {
     "distill": dict(lr_scale=0.01, P_mean=-0.8, P_std=1.0, label_dropout=0.0),
     "adv":     dict(lr_scale=None, P_mean=-0.8, P_std=1.0, label_dropout=0.0),
 }
-
-# Keys that must agree between a run and the training state it resumes from.
-SAME_RUN = ("stage", "preset", "resolution", "batch", "loss", "guidance", "weighting")
 
 ADAM_BETAS = (0.9, 0.99)        # EDM2 and sCM
 
@@ -182,71 +186,18 @@ def parse_config(argv=None):
     add("--cache-dir",     default=None,             help="dataset cache (beside the source)")
     add("--max-images",    default=None,  type=int)
     add("--seed",          default=0,     type=int)
-    add("--device",        default="auto",           help="auto (cuda if available), cuda or cpu")
+    add("--device",        default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if there is one")
     add("--gpus",          default=1,     type=int,   help="processes to spawn on this machine")
     add("--status-kimg",   default=None,  type=float, help="a status line every this many kimg")
     add("--snapshot-kimg", default=None,  type=float, help="checkpoints every this many kimg")
     add("--dry-run",       action="store_true",      help="print the resolved configuration and exit")
+    add("--force-resume",  action="store_true",      help="resume though flags or data differ (config.json: which)")
     cfg = vars(p.parse_args(argv))
 
     stage = cfg["stage"]
-    teacher_cfg = init_cfg = None
-    if stage != "adv" and cfg["init"] is not None:
-        raise ValueError(f"--init is for --stage adv, not --stage {stage}")
     if stage != "adv" and cfg["adv_lam"] is not None:
-        raise ValueError(f"--adv-lam is for --stage adv, not --stage {stage}")
-    if stage == "teacher":
-        for flag in ("teacher", "guide", "loss", "guidance"):
-            if cfg[flag] is not None:
-                raise ValueError(f"--{flag} is for --stage distill and adv, not --stage teacher")
-        cfg.update(loss="fm", guidance=None, preset=cfg["preset"] or "S", numerics="ayf", t_min=0.0, t_max=1.0)
-    else:
-        if cfg["teacher"] is None:
-            raise ValueError(f"--stage {stage} needs --teacher (a teacher run folder or its snapshot.pt)")
-        if stage == "adv":
-            if cfg["init"] is None:
-                raise ValueError("--stage adv needs --init (a distill run folder or its snapshot.pt)")
-            init_cfg = read_config(cfg["init"])
-            check_stage(init_cfg, "distill", f"--init {cfg['init']}")
-            if cfg["guidance"] not in (None, init_cfg["guidance"]):     # it decides the lam input
-                raise ValueError(f"--init {cfg['init']} was distilled with --guidance {init_cfg['guidance']}, "
-                                 f"but --guidance {cfg['guidance']} was given")
-            cfg["guidance"] = init_cfg["guidance"]
-        cfg.update(loss=cfg["loss"] or "emd", guidance=cfg["guidance"] or "auto")
-        if (cfg["guidance"] == "auto") != (cfg["guide"] is not None):
-            raise ValueError("--guidance auto needs --guide, and --guide is only used by --guidance auto")
-        teacher_cfg = read_config(cfg["teacher"])
-        check_stage(teacher_cfg, "teacher", f"--teacher {cfg['teacher']}")
-        if cfg["preset"] not in (None, teacher_cfg["preset"]):
-            raise ValueError(f"the student has the teacher's preset: --teacher {cfg['teacher']} is preset "
-                             f"{teacher_cfg['preset']!r}, but --preset {cfg['preset']!r} was given")
-        if cfg["resolution"] not in (None, teacher_cfg["resolution"]):
-            raise ValueError(f"--teacher {cfg['teacher']} has resolution {teacher_cfg['resolution']}, "
-                             f"but --resolution {cfg['resolution']} was given")
-        if cfg["guidance"] == "cfg" and teacher_cfg["label_dropout"] == 0:
-            raise ValueError(f"--guidance cfg needs a teacher trained with label dropout; --teacher "
-                             f"{cfg['teacher']} was trained with --label-dropout 0")
-        if cfg["dropout"]:
-            raise ValueError("a distilled student must have --dropout 0 (a finite-difference JVP and the "
-                             "trainable forward would draw different masks)")
-        if init_cfg and (init_cfg["preset"], init_cfg["resolution"]) != (teacher_cfg["preset"],
-                                                                           teacher_cfg["resolution"]):
-            raise ValueError(f"--init {cfg['init']} is preset {init_cfg['preset']!r} at {init_cfg['resolution']}, "
-                             f"--teacher {cfg['teacher']} {teacher_cfg['preset']!r} at {teacher_cfg['resolution']}")
-        cfg["preset"] = teacher_cfg["preset"]
-        # The teacher's numerics and time range (EDM2: t in [0.002, 80/81]) go to the student and its sampler.
-        cfg.update(numerics=teacher_cfg.get("numerics", "ayf"), t_min=teacher_cfg.get("t_min", 0.0),
-                   t_max=teacher_cfg.get("t_max", 1.0))
-        if cfg["loss"] == "lmd" and cfg["p_zero"] and cfg["t_min"] > 0:
-            raise ValueError(f"--loss lmd evaluates the teacher at s, and --teacher {cfg['teacher']} is defined only "
-                             f"for t >= {cfg['t_min']:.4g}: drop --p-zero (its pairs have s = 0) or use --loss emd")
-    if cfg["guide"] is not None:
-        guide_cfg = read_config(cfg["guide"])
-        check_stage(guide_cfg, "teacher", f"--guide {cfg['guide']}")
-        if guide_cfg["resolution"] != teacher_cfg["resolution"]:
-            raise ValueError(f"--guide {cfg['guide']} has resolution {guide_cfg['resolution']}, "
-                             f"--teacher {cfg['teacher']} {teacher_cfg['resolution']}")
-
+        raise UsageError(f"--adv-lam is for --stage adv, not --stage {stage}")
+    teacher_cfg, init_cfg = resolve_from_checkpoints(cfg)       # and the preset, guidance they fix
     preset, defaults = PRESETS[cfg["preset"]], STAGES[stage]
     resolved = dict(
         resolution    = teacher_cfg["resolution"] if teacher_cfg else preset["resolution"],
@@ -274,90 +225,39 @@ def parse_config(argv=None):
     if stage == "adv":
         cfg["adv_lam"] = 1.0 if cfg["adv_lam"] is None else cfg["adv_lam"]
         if cfg["adv_lam"] != 1 and cfg["guidance"] == "none":
-            raise ValueError(f"--init {cfg['init']} was distilled without guidance, so it samples only at lam 1; "
+            raise UsageError(f"--init {cfg['init']} was distilled without guidance, so it samples only at lam 1; "
                              f"drop --adv-lam {cfg['adv_lam']:g}")
         if not cfg["lam_min"] <= cfg["adv_lam"] <= cfg["lam_max"]:
-            raise ValueError(f"--adv-lam {cfg['adv_lam']:g} lies outside the distilled range [{cfg['lam_min']:g}, "
+            raise UsageError(f"--adv-lam {cfg['adv_lam']:g} lies outside the distilled range [{cfg['lam_min']:g}, "
                              f"{cfg['lam_max']:g}] (--lam-min, --lam-max)")
-    if stage != "teacher" and cfg["jvp"] == "fd" and cfg["precision"] == "bf16":
-        raise ValueError("--jvp fd with --precision bf16: the central difference divides bf16 rounding "
-                         "by 2h (relative gradient error 0.9 measured by bench.py); use --precision fp32 "
-                         "or --jvp exact")
+    check_config(cfg)
     cfg["cond_s"] = stage != "teacher"                                  # the student embeds s ...
     cfg["cond_lam"] = cfg["guidance"] in ("auto", "cfg")                # ... and lam, when guided
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints.
-
-def snapshot_file(path):
-    """A run folder or a snapshot file -> the snapshot file."""
-    path = Path(path)
-    return path / "snapshot.pt" if path.is_dir() else path
-
-
-def read_config(path):
-    """The config stored in a snapshot or training state, without reading its tensors."""
-    if edm2.is_edm2_pickle(path):                                       # EDM2's published networks
-        return edm2.read_config(path)
-    path = snapshot_file(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no snapshot at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
-
-
-def check_stage(config, stage, what):
-    if config["stage"] != stage:
-        raise ValueError(f"{what} was written by --stage {config['stage']} (preset {config['preset']}), "
-                         f"but a --stage {stage} checkpoint is needed here")
-
-
-def check_same_run(saved, cfg, path):
-    """Resuming from a training state of another run is an error that names both."""
-    differ = [f"{k}: {saved.get(k)!r} there, {cfg[k]!r} here" for k in SAME_RUN if saved.get(k) != cfg[k]]
-    if differ:
-        raise ValueError(f"{path} belongs to another run ({'; '.join(differ)}). "
-                         f"Use another --out, or delete it to start over.")
-
-
-def build_network(config):
-    """The U-Net that a config describes (the preset's architecture, resolution, classes, inputs)."""
-    return unet.UNet(img_resolution=config["resolution"], num_classes=config["num_classes"],
-                     cond_s=config["cond_s"], cond_lam=config["cond_lam"], dropout=config["dropout"],
-                     numerics=config.get("numerics", "ayf"), **unet.PRESETS[config["preset"]])
-
-
-def load_snapshot(path, device="cpu"):
-    """(network with the EMA weights in eval mode, config) from a run folder or snapshot.pt, or
-    from an EDM2 network pickle (edm2.py)."""
-    if edm2.is_edm2_pickle(path):
-        return edm2.load(path, device)
-    data = torch.load(snapshot_file(path), map_location=device, weights_only=True)
-    net = build_network(data["config"]).to(device)
-    net.load_state_dict(data["ema"])
-    return net.eval().requires_grad_(False), data["config"]
-
-
-def distilled_weighting(path, device="cpu"):
-    """The adaptive weighting head u(t, s) of a distill run (folder or snapshot.pt), for --stage adv to go
-    on with: from the snapshot, or, for snapshots that predate it there, from the training state beside it."""
-    weight = torch.load(snapshot_file(path), map_location=device, weights_only=True).get("weight")
-    state_path = snapshot_file(path).parent / "training-state.pt"
-    if weight is None and state_path.exists():
-        weight = torch.load(state_path, map_location=device, weights_only=True)["weight"]
-    if weight is None:
-        raise ValueError(f"--init {path} was distilled with --weighting adaptive, but neither its snapshot nor a "
-                         f"training-state.pt beside it holds the weighting head; give the run folder or use "
-                         f"--weighting none")
-    return weight
-
-
-def save_atomic(obj, path):
-    """torch.save through a temporary file, so that an interrupted save leaves the old file intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def check_config(cfg):
+    """Every flag's value, before any work: a mistake is a one-line UsageError (exit code 2)."""
+    check_ranges(cfg, positive=("kimg", "batch", "batch_gpu", "gpus", "resolution", "max_images", "P_std", "c",
+                                "status_kimg", "snapshot_kimg"),
+                 nonnegative=("lr", "ema_kimg", "ema_rampup", "lr_rampup", "lr_decay", "warmup", "seed", "clip_grad",
+                              "adv_weight", "adv_gamma", "adv_lr"),
+                 unit=("label_dropout", "dropout", "p_zero", "p_diag", "r_max", "adv_t_max"))
+    B, R, world = cfg["batch"], cfg["resolution"], int(os.environ.get("WORLD_SIZE", cfg["gpus"]))
+    batch_gpu = min(cfg["batch_gpu"] or B, max(B // world, 1))
+    down = 2 ** (len(unet.PRESETS[cfg["preset"]]["channel_mult"]) - 1)   # the U-Net's total downsampling
+    check_flags([
+        (B % world or B // world % batch_gpu,
+         f"--batch {B} must be divisible by {world} processes x --batch-gpu {batch_gpu}"),
+        (cfg["p_zero"] + cfg["p_diag"] > 1, f"--p-zero {cfg['p_zero']} + --p-diag {cfg['p_diag']} exceeds 1"),
+        (cfg["lam_min"] > cfg["lam_max"], f"--lam-min {cfg['lam_min']} is above --lam-max {cfg['lam_max']}"),
+        (R % down, f"--resolution {R} must be a multiple of {down}: preset {cfg['preset']}'s U-Net halves it "
+                   f"{down.bit_length() - 1} times"),
+        (cfg["stage"] != "teacher" and cfg["jvp"] == "fd" and cfg["precision"] == "bf16",
+         "--jvp fd with --precision bf16: the central difference divides bf16 rounding by 2h (relative "
+         "gradient error 0.9 measured by bench.py); use --precision fp32 or --jvp exact")])
+    check_device(cfg["device"], cfg["gpus"])
+    check_writable(cfg["out"], "--out", folder=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,7 +396,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     with rank0_first(rank, world_size):                             # rank 0 builds a missing cache
         ds = load_dataset(cfg["data"], cache_dir=cfg["cache_dir"], resolution=cfg["resolution"],
                           max_images=cfg["max_images"])
-    cfg["num_classes"] = ds.num_classes
+    cfg["num_classes"], cfg["data_sha"] = ds.num_classes, data_fingerprint(ds.images)
 
     # Setup networks.
     torch.manual_seed(cfg["seed"])
@@ -504,7 +404,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     if stage != "teacher":
         teacher, teacher_cfg = load_snapshot(cfg["teacher"], device)        # EMA weights, frozen, eval mode
         if teacher_cfg["num_classes"] != ds.num_classes:
-            raise ValueError(f"--teacher {cfg['teacher']} has {teacher_cfg['num_classes']} classes, "
+            raise UsageError(f"--teacher {cfg['teacher']} has {teacher_cfg['num_classes']} classes, "
                              f"--data {cfg['data']} has {ds.num_classes}")
         if stage == "distill":
             unet.init_student_from_teacher(net, teacher.state_dict())
@@ -526,7 +426,8 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     step = skipped = 0
     state_path = out / "training-state.pt"
     if state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)   # main() checked its config
+        state = torch.load(state_path, map_location=device, weights_only=True)   # main() checked it and its flags
+        check_same_run(state, cfg, state_path, keys=("num_classes", "data_sha"))      # and here, its data
         for key, part in dict(net=net, ema=ema, optimizer=optimizer, weight=weight, disc=head,
                               disc_optimizer=optimizer_D).items():
             if part is not None:                                    # weight: --weighting adaptive; disc*: adv
@@ -536,8 +437,10 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     total_steps = num_steps(cfg)
     status_every = max(1, round(cfg["status_kimg"] * 1000 / B))
     snapshot_every = max(1, round(cfg["snapshot_kimg"] * 1000 / B))
+    saved_step = step if state_path.exists() else None             # of the checkpoints on disk
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        check_disk_space(out, checkpoint_bytes(net, weight, head))
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         print(json.dumps(cfg, indent=2))
         print(f"{stage}: {unet.num_params(net) / 1e6:.2f} M parameters, {len(ds)} images of {ds.num_classes} "
@@ -548,7 +451,6 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
 
     guard_z, guard_cond = divergence_probe(cfg, ds.num_classes, device)
-    saved_step = step if state_path.exists() else None
 
     # Main training loop.
     sums = torch.zeros(5, device=device)            # over the finite steps: loss, adv: G adv, D loss, D gap, R1 + R2
@@ -672,15 +574,15 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
 
             # Save snapshot: rank 0 writes both files (every rank holds the same weights).
             if step % snapshot_every == 0 or done:
+                if rank == 0:
+                    save_atomic(dict(config=cfg, ema=ema.state_dict(), step=step,
+                                     weight=weight.state_dict() if weight else None), out / "snapshot.pt", saved_step)
+                    save_atomic(dict(config=cfg, step=step, skipped=skipped, net=net.state_dict(),
+                                     ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                                     weight=weight.state_dict() if weight else None, disc=head.state_dict() if head
+                                     else None, disc_optimizer=optimizer_D.state_dict() if head else None),
+                               state_path, saved_step)
                 saved_step = step
-            if rank == 0 and (step % snapshot_every == 0 or done):
-                save_atomic(dict(config=cfg, ema=ema.state_dict(), step=step,
-                                 weight=weight.state_dict() if weight else None), out / "snapshot.pt")
-                save_atomic(dict(config=cfg, step=step, skipped=skipped, net=net.state_dict(),
-                                 ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                                 weight=weight.state_dict() if weight else None,
-                                 disc=head.state_dict() if head else None,
-                                 disc_optimizer=optimizer_D.state_dict() if head else None), state_path)
     if rank == 0:
         print(f"{'stopped' if stop else 'finished'} at step {step}: {out / 'training-state.pt'}")
     if world_size > 1:
@@ -702,24 +604,29 @@ def main(argv=None):
         if rank0:
             print(json.dumps(cfg, indent=2))
         return
-    state_path = Path(cfg["out"]) / "training-state.pt"
-    if state_path.exists():                                         # before any work: another run, or done?
-        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
-        check_same_run(state["config"], cfg, state_path)
-        if state["step"] >= num_steps(cfg):
-            if rank0:
-                print(f"{cfg['out']} is finished ({state['step']} steps); nothing to do")
-            return
+    out = Path(cfg["out"])
+    state_path = out / "training-state.pt"
+    with RunLock(out) if rank0 else contextlib.nullcontext():     # one run per --out
+        if state_path.exists():                                     # before any work: whole, the same run, done?
+            state = load_checked(state_path, keys=("config", "step", "net", "ema", "optimizer"))
+            check_same_run(state, cfg, state_path)
+            if state["step"] >= num_steps(cfg):
+                if rank0:
+                    print(f"{cfg['out']} is finished ({state['step']} steps); nothing to do")
+                return
+        for tmp in out.glob("*.tmp") if rank0 else ():              # a killed save's; the lock says no one writes
+            print(f"note: removing {tmp}, left by an interrupted save")
+            tmp.unlink()
 
-    def build_cache():                                              # once, before --gpus spawns its processes
-        if str(cfg["data"]) != "synthetic":
-            load_dataset(cfg["data"], cache_dir=cfg["cache_dir"], resolution=cfg["resolution"])
-    launch(train, cfg, cfg["gpus"], cfg["device"], before_spawn=build_cache)
+        def build_cache():                                          # once, before --gpus spawns its processes
+            if str(cfg["data"]) != "synthetic":
+                load_dataset(cfg["data"], cache_dir=cfg["cache_dir"], resolution=cfg["resolution"])
+        launch(train, cfg, cfg["gpus"], cfg["device"], before_spawn=build_cache)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except DataError as error:                                      # a wrong data path or layout: one line
+    except (DataError, UsageError) as error:                        # a user's mistake: one line, exit code 2
         print(f"train_imagenet.py: error: {error}", file=sys.stderr)
         sys.exit(2)

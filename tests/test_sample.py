@@ -234,7 +234,7 @@ def test_bench_table(runs, capsys):
 # Errors.
 
 @pytest.mark.parametrize("flags, error, match", [
-    (["--ckpt", "{runs}/missing", "--grid", "g.png"],                  FileNotFoundError, "no snapshot"),
+    (["--ckpt", "{runs}/missing", "--grid", "g.png"],                  ValueError,        "no snapshot"),
     (["--ckpt", "{runs}/ayf", "--fid", "--ref-data", "synthetic"],     ValueError, "--fid needs --detector"),
     (["--ckpt", "{runs}/ayf", "--fid", "--detector", "{runs}/x.pt"],  ValueError, "exactly one reference"),
     (["--ckpt", "{runs}/ayf", "--guide", "{runs}/guide", "--grid", "g.png"], ValueError, "--guide and --cfg"),
