@@ -54,7 +54,8 @@ from tqdm import tqdm
 import fid
 import sample
 import train_imagenet as ti
-from dataset import load_dataset
+from checkpoint import UsageError
+from dataset import DataError, load_dataset
 from flowmap import as_velocity
 
 
@@ -470,7 +471,11 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         raise SystemExit(2)
-    return evaluate(args, *checked)
+    try:
+        return evaluate(args, *checked)
+    except (DataError, UsageError) as error:                        # e.g. a corrupt checkpoint met while sampling
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

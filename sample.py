@@ -465,7 +465,7 @@ def main(argv=None):
         raise UsageError("--bench times one process; drop --gpus")
     if args.bench and under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         raise UsageError("--bench times one process; launch it without torchrun")
-    launch(run, args, args.gpus, args.device)
+    launch(run, args, args.gpus, args.device, user_errors=(DataError, UsageError))
 
 
 if __name__ == "__main__":

@@ -621,7 +621,8 @@ def main(argv=None):
         def build_cache():                                          # once, before --gpus spawns its processes
             if str(cfg["data"]) != "synthetic":
                 load_dataset(cfg["data"], cache_dir=cfg["cache_dir"], resolution=cfg["resolution"])
-        launch(train, cfg, cfg["gpus"], cfg["device"], before_spawn=build_cache)
+        launch(train, cfg, cfg["gpus"], cfg["device"], before_spawn=build_cache,
+               user_errors=(DataError, UsageError))
 
 
 if __name__ == "__main__":

@@ -192,3 +192,19 @@ def test_a_rerun_with_other_flags_or_data_is_refused_unless_forced(tmp_path, cap
     config = json.loads((out / "config.json").read_text())
     assert config["forced_changes"][0] == "step 1: seed: 0 there, 1 here" and config["seed"] == 1
     assert config["forced_changes"][1].startswith("step 1: data_sha: '0123456789abcdef' there")
+
+
+def _worker_with_a_user_mistake(args, rank=0, local_rank=0, world_size=1):
+    if rank == 0:                                                   # as the checks that only rank 0 makes
+        raise checkpoint.UsageError(f"{args} is not right here")
+
+
+def test_a_user_mistake_inside_spawned_processes_is_one_line_and_exit_2(capfd):
+    """--gpus N: a UsageError met inside a worker (disk space, data digest, a save) ends the run with
+    the worker's one line and exit code 2, not the spawn's wrapped traceback."""
+    import launch
+    with pytest.raises(SystemExit) as exit_:
+        launch.launch(_worker_with_a_user_mistake, "--flag", 2, "cpu", user_errors=(checkpoint.UsageError,))
+    err = capfd.readouterr().err
+    assert exit_.value.code == 2
+    assert "error (rank 0): --flag is not right here" in err and "Traceback" not in err, err
