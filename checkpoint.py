@@ -75,6 +75,30 @@ def check_writable(path, what, folder=False):
 # ----------------------------------------------------------------------------------------------
 # Reading and checking checkpoints.
 
+def check_config(cfg):
+    """train_imagenet.py: every flag's value, before any work: a mistake is a one-line UsageError (exit code 2)."""
+    check_ranges(cfg, positive=("kimg", "batch", "batch_gpu", "gpus", "resolution", "max_images", "P_std", "c",
+                                "status_kimg", "snapshot_kimg"),
+                 nonnegative=("lr", "ema_kimg", "ema_rampup", "lr_rampup", "lr_decay", "warmup", "seed", "clip_grad",
+                              "adv_weight", "adv_gamma", "adv_lr"),
+                 unit=("label_dropout", "dropout", "p_zero", "p_diag", "r_max", "adv_t_max"))
+    B, R, world = cfg["batch"], cfg["resolution"], int(os.environ.get("WORLD_SIZE", cfg["gpus"]))
+    batch_gpu = min(cfg["batch_gpu"] or B, max(B // world, 1))
+    down = 2 ** (len(unet.PRESETS[cfg["preset"]]["channel_mult"]) - 1)   # the U-Net's total downsampling
+    check_flags([
+        (B % world or B // world % batch_gpu,
+         f"--batch {B} must be divisible by {world} processes x --batch-gpu {batch_gpu}"),
+        (cfg["p_zero"] + cfg["p_diag"] > 1, f"--p-zero {cfg['p_zero']} + --p-diag {cfg['p_diag']} exceeds 1"),
+        (cfg["lam_min"] > cfg["lam_max"], f"--lam-min {cfg['lam_min']} is above --lam-max {cfg['lam_max']}"),
+        (R % down, f"--resolution {R} must be a multiple of {down}: preset {cfg['preset']}'s U-Net halves it "
+                   f"{down.bit_length() - 1} times"),
+        (cfg["stage"] != "teacher" and cfg["jvp"] == "fd" and cfg["precision"] == "bf16",
+         "--jvp fd with --precision bf16: the central difference divides bf16 rounding by 2h (relative "
+         "gradient error 0.9 measured by bench.py); use --precision fp32 or --jvp exact")])
+    check_device(cfg["device"], cfg["gpus"])
+    check_writable(cfg["out"], "--out", folder=True)
+
+
 def snapshot_file(path):
     """A run folder or a snapshot file -> the snapshot file."""
     path = Path(path)

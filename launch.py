@@ -7,9 +7,11 @@ the cores), and under torchrun they are found from RANK, WORLD_SIZE and LOCAL_RA
     split_batch, rank0_first, no_sync,    the training loop's multi-process pieces: this rank's rows of the
     mean_over_ranks, stop_requests        global batch, ordering, gradient all-reduce, Ctrl-C / SIGTERM
     exit_worker()                         a worker's last call
+    peak_memory_gib, format_duration      the status line's memory and ETA
 """
 import contextlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -164,3 +166,16 @@ def exit_worker(code=0):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def format_duration(seconds):
+    """12:05 for 12 min 5 s, 1:02:03 beyond an hour (the status line's ETA)."""
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
+def peak_memory_gib(device):
+    """Peak CUDA memory allocated, or on a CPU the process's peak resident memory (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

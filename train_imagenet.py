@@ -70,7 +70,6 @@ import copy
 import functools
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -82,15 +81,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 import unet
 from adversarial import build_discriminator, rpgan_d_objective, rpgan_g_objective
-from checkpoint import (RunLock, UsageError, build_network, check_device, check_disk_space, check_flags,
-                        check_ranges, check_same_run, check_stage, check_writable, checkpoint_bytes,
+from checkpoint import (RunLock, UsageError, build_network, check_config, check_disk_space, check_same_run,
+                        check_stage, checkpoint_bytes,
                         data_fingerprint, distilled_weighting, load_checked, load_snapshot, read_config,
                         resolve_from_checkpoints,
                         save_atomic, snapshot_file)     # some re-exported: sample.py and the tests use them
 from dataset import DataError, batch_indices, get_batch, load_dataset
 from flowmap import as_velocity, guided_velocity, jump_excursion
-from launch import (exit_worker, launch, mean_over_ranks, no_sync, rank0_first, setup_process, split_batch,
-                    stop_requests)                  # exit_worker: for the tests' process-group workers
+from launch import (exit_worker, format_duration, launch, mean_over_ranks, no_sync, peak_memory_gib, rank0_first,
+                    setup_process, split_batch, stop_requests)  # exit_worker: the tests' process-group workers
 from losses import AdaptiveWeight, emd_loss, fm_loss, lmd_loss, sample_t_s, tangent_warmup
 
 # Training defaults per model size (the architectures are unet.PRESETS); every value is also a flag.
@@ -236,30 +235,6 @@ def parse_config(argv=None):
     return cfg
 
 
-def check_config(cfg):
-    """Every flag's value, before any work: a mistake is a one-line UsageError (exit code 2)."""
-    check_ranges(cfg, positive=("kimg", "batch", "batch_gpu", "gpus", "resolution", "max_images", "P_std", "c",
-                                "status_kimg", "snapshot_kimg"),
-                 nonnegative=("lr", "ema_kimg", "ema_rampup", "lr_rampup", "lr_decay", "warmup", "seed", "clip_grad",
-                              "adv_weight", "adv_gamma", "adv_lr"),
-                 unit=("label_dropout", "dropout", "p_zero", "p_diag", "r_max", "adv_t_max"))
-    B, R, world = cfg["batch"], cfg["resolution"], int(os.environ.get("WORLD_SIZE", cfg["gpus"]))
-    batch_gpu = min(cfg["batch_gpu"] or B, max(B // world, 1))
-    down = 2 ** (len(unet.PRESETS[cfg["preset"]]["channel_mult"]) - 1)   # the U-Net's total downsampling
-    check_flags([
-        (B % world or B // world % batch_gpu,
-         f"--batch {B} must be divisible by {world} processes x --batch-gpu {batch_gpu}"),
-        (cfg["p_zero"] + cfg["p_diag"] > 1, f"--p-zero {cfg['p_zero']} + --p-diag {cfg['p_diag']} exceeds 1"),
-        (cfg["lam_min"] > cfg["lam_max"], f"--lam-min {cfg['lam_min']} is above --lam-max {cfg['lam_max']}"),
-        (R % down, f"--resolution {R} must be a multiple of {down}: preset {cfg['preset']}'s U-Net halves it "
-                   f"{down.bit_length() - 1} times"),
-        (cfg["stage"] != "teacher" and cfg["jvp"] == "fd" and cfg["precision"] == "bf16",
-         "--jvp fd with --precision bf16: the central difference divides bf16 rounding by 2h (relative "
-         "gradient error 0.9 measured by bench.py); use --precision fp32 or --jvp exact")])
-    check_device(cfg["device"], cfg["gpus"])
-    check_writable(cfg["out"], "--out", folder=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Schedules and small helpers.
 
@@ -294,19 +269,6 @@ def seed_of(*keys):
 def unconditional(velocity):
     """CFG's weak model: the same velocity with the label dropped."""
     return lambda x, t, label=None: velocity(x, t)
-
-
-def format_duration(seconds):
-    """12:05 for 12 min 5 s, 1:02:03 beyond an hour (the status line's ETA)."""
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
-
-
-def peak_memory_gib(device):
-    """Peak CUDA memory allocated, or on a CPU the process's peak resident memory (Linux: KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ----------------------------------------------------------------------------------------------
