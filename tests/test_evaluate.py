@@ -20,21 +20,7 @@ import sample
 import train_imagenet as ti
 from flowmap import as_velocity, guided_velocity, sample_ode
 
-TRAIN = ["--data", "synthetic", "--device", "cpu", "--batch", "8", "--status-kimg", "1", "--snapshot-kimg", "1"]
 R, K = 16, 10                                                           # resolution and classes of the runs
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Run folders teacher, guide, emd (guided, lam input) and plain (--guidance none), a few steps each."""
-    root = tmp_path_factory.mktemp("runs")
-    tiny = TRAIN + ["--preset", "tiny", "--resolution", str(R)]
-    ti.main(tiny + ["--kimg", "0.024", "--out", str(root / "teacher")])
-    ti.main(tiny + ["--kimg", "0.016", "--out", str(root / "guide")])
-    distill = TRAIN + ["--stage", "distill", "--teacher", str(root / "teacher")]
-    ti.main(distill + ["--guide", str(root / "guide"), "--kimg", "0.016", "--out", str(root / "emd")])
-    ti.main(distill + ["--guidance", "none", "--kimg", "0.008", "--out", str(root / "plain")])
-    return root
 
 
 @pytest.fixture(scope="module")

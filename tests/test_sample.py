@@ -21,21 +21,7 @@ import sample
 import train_imagenet as ti
 from flowmap import as_velocity
 
-TRAIN = ["--data", "synthetic", "--device", "cpu", "--batch", "8", "--status-kimg", "1", "--snapshot-kimg", "1"]
 R, K = 16, 10                                                           # resolution and classes of the runs
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Run folders teacher (3 steps), guide (2), ayf (guided EMD student, lam input, 2), ayf-none (1)."""
-    root = tmp_path_factory.mktemp("runs")
-    tiny = TRAIN + ["--preset", "tiny", "--resolution", str(R)]
-    ti.main(tiny + ["--kimg", "0.024", "--out", str(root / "teacher")])
-    ti.main(tiny + ["--kimg", "0.016", "--out", str(root / "guide")])
-    distill = TRAIN + ["--stage", "distill", "--teacher", str(root / "teacher")]
-    ti.main(distill + ["--guide", str(root / "guide"), "--kimg", "0.016", "--out", str(root / "ayf")])
-    ti.main(distill + ["--guidance", "none", "--kimg", "0.008", "--out", str(root / "ayf-none")])
-    return root
 
 
 @pytest.fixture
@@ -66,7 +52,7 @@ def assert_images_close(a, b):
 # ----------------------------------------------------------------------------------------------
 # Each image depends only on its seed.
 
-@pytest.mark.parametrize("ckpt, gamma, lam", [("ayf", 0.0, 1.5), ("ayf", 0.5, 2.0), ("teacher", None, 1.0)])
+@pytest.mark.parametrize("ckpt, gamma, lam", [("emd", 0.0, 1.5), ("emd", 0.5, 2.0), ("teacher", None, 1.0)])
 def test_images_depend_only_on_their_seed(runs, ckpt, gamma, lam):
     """Seeds 0-7 in one batch of 8, in batches of 3, and seed 5 alone: the same images and labels.
 
@@ -92,7 +78,7 @@ def test_images_depend_only_on_their_seed(runs, ckpt, gamma, lam):
 
 def test_renoising_uses_each_seeds_own_noise(runs):
     """gamma-sampling draws fresh noise: gamma 0.5 differs from gamma 0, and two runs agree exactly."""
-    net, config = ti.load_snapshot(runs / "ayf")
+    net, config = ti.load_snapshot(runs / "emd")
     seeds = [3, 4]
     x0, _ = sample.sample_seeds(sample.flow_map_sampler(net, 2, 0.0, 1.0)[0], seeds, [0, 1], None, config, "cpu")
     xa, _ = sample.sample_seeds(sample.flow_map_sampler(net, 2, 0.5, 1.0)[0], seeds, [0, 1], None, config, "cpu")
@@ -103,7 +89,7 @@ def test_renoising_uses_each_seeds_own_noise(runs):
 
 def test_two_processes_match_one(runs, tmp_path):
     """--gpus 2 on the CPU (gloo): seeds strided over the ranks and gathered back in seed order."""
-    argv = ["--ckpt", str(runs / "ayf"), "--steps", "2", "--seeds", "0-8", "--device", "cpu", "--batch", "3"]
+    argv = ["--ckpt", str(runs / "emd"), "--steps", "2", "--seeds", "0-8", "--device", "cpu", "--batch", "3"]
     sample.main(argv + ["--out", str(tmp_path / "one.npz")])
     sample.main(argv + ["--out", str(tmp_path / "two.npz"), "--gpus", "2"])
     images1, labels1 = load_npz(tmp_path / "one.npz")
@@ -117,14 +103,14 @@ def test_two_processes_match_one(runs, tmp_path):
 
 def test_npz_grid_and_outdir(runs, tmp_path):
     """The files hold what the sampler computes directly, in the layout the FID tools read."""
-    sample.main(["--ckpt", str(runs / "ayf"), "--steps", "2", "--seeds", "4-13", "--classes", "1,5",
+    sample.main(["--ckpt", str(runs / "emd"), "--steps", "2", "--seeds", "4-13", "--classes", "1,5",
                  "--guidance", "1.5", "--grid", str(tmp_path / "grid.png"), "--outdir", str(tmp_path / "png"),
                  "--out", str(tmp_path / "s.npz"), "--batch", "4"])
     images, labels = load_npz(tmp_path / "s.npz")
     assert images.shape == (10, R, R, 3) and images.dtype == np.uint8   # NHWC
     assert labels.tolist() == [1, 5] * 5                                # --classes cycled over the seeds
 
-    net, config = ti.load_snapshot(runs / "ayf")
+    net, config = ti.load_snapshot(runs / "emd")
     sampler, _ = sample.flow_map_sampler(net, 2, 0.0, 1.5)
     x, direct_labels = sample.sample_seeds(sampler, list(range(4, 14)), range(10), [1, 5], config, "cpu")
     expected = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -142,7 +128,7 @@ def test_npz_grid_and_outdir(runs, tmp_path):
 
 
 def test_several_step_counts_get_suffixes(runs, tmp_path):
-    sample.main(["--ckpt", str(runs / "ayf"), "--steps", "1,3", "--seeds", "0-4", "--out", str(tmp_path / "s.npz"),
+    sample.main(["--ckpt", str(runs / "emd"), "--steps", "1,3", "--seeds", "0-4", "--out", str(tmp_path / "s.npz"),
                  "--grid", str(tmp_path / "g.png")])
     assert sorted(os.listdir(tmp_path)) == ["g-1steps.png", "g-3steps.png", "s-1steps.npz", "s-3steps.npz"]
     one, _ = load_npz(tmp_path / "s-1steps.npz")
@@ -203,7 +189,7 @@ def test_fid_end_to_end(runs, tmp_path, detector_file, capsys):
     images = dataset.load_dataset("synthetic", resolution=R).images                   # (512, R, R, 3)
     detector = fid.load_detector(detector_file)
     fid.save_reference(str(tmp_path / "ref.npz"), *fid.feature_stats(fid.compute_features(detector, images)))
-    base = ["--ckpt", str(runs / "ayf"), "--steps", "1,2", "--fid", "--detector", detector_file,
+    base = ["--ckpt", str(runs / "emd"), "--steps", "1,2", "--fid", "--detector", detector_file,
             "--num", "512", "--batch", "128"]
 
     capsys.readouterr()
@@ -223,7 +209,7 @@ def test_fid_end_to_end(runs, tmp_path, detector_file, capsys):
 
 
 def test_bench_table(runs, capsys):
-    sample.main(["--ckpt", str(runs / "ayf"), "--steps", "1,2", "--bench", "--teacher", str(runs / "teacher"),
+    sample.main(["--ckpt", str(runs / "emd"), "--steps", "1,2", "--bench", "--teacher", str(runs / "teacher"),
                  "--teacher-steps", "2", "--batch", "2", "--reps", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["flow", "map", "1", "1"] == rows[1][:4] and ["teacher", "heun", "2", "3"] == rows[3][:4]
@@ -235,15 +221,15 @@ def test_bench_table(runs, capsys):
 
 @pytest.mark.parametrize("flags, error, match", [
     (["--ckpt", "{runs}/missing", "--grid", "g.png"],                  ValueError,        "no snapshot"),
-    (["--ckpt", "{runs}/ayf", "--fid", "--ref-data", "synthetic"],     ValueError, "--fid needs --detector"),
-    (["--ckpt", "{runs}/ayf", "--fid", "--detector", "{runs}/x.pt"],  ValueError, "exactly one reference"),
-    (["--ckpt", "{runs}/ayf", "--guide", "{runs}/guide", "--grid", "g.png"], ValueError, "--guide and --cfg"),
-    (["--ckpt", "{runs}/ayf", "--solver", "euler", "--grid", "g.png"], ValueError, "--solver"),
-    (["--ckpt", "{runs}/ayf-none", "--guidance", "2", "--grid", "g.png"], ValueError, "no lam input"),
+    (["--ckpt", "{runs}/emd", "--fid", "--ref-data", "synthetic"],     ValueError, "--fid needs --detector"),
+    (["--ckpt", "{runs}/emd", "--fid", "--detector", "{runs}/x.pt"],  ValueError, "exactly one reference"),
+    (["--ckpt", "{runs}/emd", "--guide", "{runs}/guide", "--grid", "g.png"], ValueError, "--guide and --cfg"),
+    (["--ckpt", "{runs}/emd", "--solver", "euler", "--grid", "g.png"], ValueError, "--solver"),
+    (["--ckpt", "{runs}/plain", "--guidance", "2", "--grid", "g.png"], ValueError, "no lam input"),
     (["--ckpt", "{runs}/teacher", "--gamma", "0.5", "--grid", "g.png"], ValueError, "--gamma"),
     (["--ckpt", "{runs}/teacher", "--guidance", "2", "--grid", "g.png"], ValueError, "needs a weak model"),
     (["--ckpt", "{runs}/teacher", "--bench", "--teacher", "{runs}/teacher"], ValueError, "compare a flow map"),
-    (["--ckpt", "{runs}/ayf"],                                         ValueError, "nothing to do"),
+    (["--ckpt", "{runs}/emd"],                                         ValueError, "nothing to do"),
 ])
 def test_clear_errors(runs, flags, error, match):
     with pytest.raises(error, match=re.escape(match)):
