@@ -80,7 +80,8 @@ def check_config(cfg):
     check_ranges(cfg, positive=("kimg", "batch", "batch_gpu", "gpus", "resolution", "max_images", "P_std", "c",
                                 "status_kimg", "snapshot_kimg"),
                  nonnegative=("lr", "ema_kimg", "ema_rampup", "lr_rampup", "lr_decay", "warmup", "seed", "clip_grad",
-                              "adv_weight", "adv_gamma", "adv_lr"),
+                              "adv_weight", "adv_gamma", "adv_lr",
+                              "branch_lr_mult"),
                  unit=("label_dropout", "dropout", "p_zero", "p_diag", "r_max", "adv_t_max"))
     B, R, world = cfg["batch"], cfg["resolution"], int(os.environ.get("WORLD_SIZE", cfg["gpus"]))
     batch_gpu = min(cfg["batch_gpu"] or B, max(B // world, 1))
@@ -326,6 +327,16 @@ class _RecordingFile(io.FileIO):
         except OSError as error:
             self.error = error
             raise
+
+
+def save_run(out, cfg, step, skipped, saved_step, **parts):
+    """A training run's two files (train_imagenet.py's docstring): snapshot.pt {config, ema, step, weight} and
+    training-state.pt {config, step, skipped, net, ema, optimizer, weight, disc, disc_optimizer}; a part that
+    is None (weight without --weighting adaptive, disc* outside --stage adv) is saved as None."""
+    states = {key: part.state_dict() if part is not None else None for key, part in parts.items()}
+    save_atomic(dict(config=cfg, ema=states["ema"], step=step, weight=states["weight"]), out / "snapshot.pt",
+                saved_step)
+    save_atomic(dict(config=cfg, step=step, skipped=skipped, **states), out / "training-state.pt", saved_step)
 
 
 def save_atomic(obj, path, previous_step=None):

@@ -179,3 +179,13 @@ def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def status_line(stats, stage, loss):
+    """train_imagenet.py's status line, which rank 0 prints (log.jsonl gets the same figures)."""
+    return (f"kimg {stats['kimg']:<8.2f} step {stats['step']:<7d} loss {stats['loss']:<8.3g} lr {stats['lr']:<8.2e} "
+            + (f"r {stats['r']:<5.3f} " if loss == "emd" else "")
+            + (f"D {stats['d_loss']:<6.3f} G_adv {stats['g_adv']:<6.3f} "
+               f"D(real)-D(fake) {stats['d_real_minus_fake']:<+7.3f} " if stage == "adv" else "")
+            + f"sec/kimg {stats['sec_per_kimg']:<7.2f} mem {stats['mem_gib']:.2f} GiB skipped {stats['skipped']} "
+            + f"eta {format_duration(stats['eta_sec'])}")

@@ -82,14 +82,13 @@ from torch.nn.parallel import DistributedDataParallel
 import unet
 from adversarial import build_discriminator, rpgan_d_objective, rpgan_g_objective
 from checkpoint import (RunLock, UsageError, build_network, check_config, check_disk_space, check_same_run,
-                        check_stage, checkpoint_bytes,
-                        data_fingerprint, distilled_weighting, load_checked, load_snapshot, read_config,
-                        resolve_from_checkpoints,
-                        save_atomic, snapshot_file)     # some re-exported: sample.py and the tests use them
+                        check_stage, checkpoint_bytes, data_fingerprint, distilled_weighting, load_checked,
+                        load_snapshot, read_config, resolve_from_checkpoints, save_atomic, save_run,
+                        snapshot_file)     # some re-exported: sample.py, evaluate.py and the tests use them
 from dataset import DataError, batch_indices, get_batch, load_dataset
 from flowmap import as_velocity, guided_velocity, jump_excursion
-from launch import (exit_worker, format_duration, launch, mean_over_ranks, no_sync, peak_memory_gib, rank0_first,
-                    setup_process, split_batch, stop_requests)  # exit_worker: the tests' process-group workers
+from launch import (exit_worker, launch, mean_over_ranks, no_sync, peak_memory_gib, rank0_first,
+                    setup_process, split_batch, status_line, stop_requests)  # exit_worker: the tests' process-group workers
 from losses import AdaptiveWeight, emd_loss, fm_loss, lmd_loss, sample_t_s, tangent_warmup
 
 # Training defaults per model size (the architectures are unet.PRESETS); every value is also a flag.
@@ -103,14 +102,14 @@ from losses import AdaptiveWeight, emd_loss, fm_loss, lmd_loss, sample_t_s, tang
 # digits') as in the toy; tiny and digits keep the plain recipe their README figures were measured with.
 IMAGENET64 = dict(resolution=64, batch=2048, lr_rampup=5000, lr_decay=35000, distill_kimg=819200, adv_kimg=6144,
                   warmup=10000, ema_kimg=10000, precision="bf16", status_kimg=100, snapshot_kimg=5000,
-                  p_zero=0.1, weighting="adaptive")
+                  p_zero=0.1, weighting="adaptive", branch_lr_mult=1.0)
 PRESETS = {
     "tiny": dict(resolution=32, batch=16, lr_rampup=10, lr_decay=50, distill_kimg=0.5, adv_kimg=0.32, warmup=20,
                  ema_kimg=0.5, precision="fp32", status_kimg=0.4, snapshot_kimg=1,
-                 lr=0.0100, dropout=0.0, teacher_kimg=2, p_zero=0.0, weighting="none"),
+                 lr=0.0100, dropout=0.0, teacher_kimg=2, p_zero=0.0, weighting="none", branch_lr_mult=1.0),
     "digits": dict(resolution=32, batch=64, lr_rampup=20, lr_decay=200, distill_kimg=3.2, adv_kimg=0.64, warmup=20,
                    ema_kimg=2, precision="fp32", status_kimg=0.64, snapshot_kimg=3.2,
-                   lr=0.0100, dropout=0.0, teacher_kimg=48, p_zero=0.0, weighting="none"),
+                   lr=0.0100, dropout=0.0, teacher_kimg=48, p_zero=0.0, weighting="none", branch_lr_mult=10.0),
     "XS":   dict(IMAGENET64, lr=0.0120, dropout=0.0, teacher_kimg=2**30 / 1e3),
     "S":    dict(IMAGENET64, lr=0.0100, dropout=0.0, teacher_kimg=2**30 / 1e3),
     "M":    dict(IMAGENET64, lr=0.0090, dropout=0.1, teacher_kimg=2**31 / 1e3),
@@ -153,6 +152,7 @@ def parse_config(argv=None):
     add("--lr",            default=None,  type=float, help="reference learning rate (Adam)")
     add("--lr-rampup",     default=None,  type=int,   help="linear lr ramp-up, iterations")
     add("--lr-decay",      default=None,  type=int,   help="lr / sqrt(step / lr_decay) beyond it (EDM2); 0: off")
+    add("--branch-lr-mult", default=None, type=float, help="lr factor of the student's new s, lam branches (preset's)")
     add("--ema-kimg",      default=None,  type=float, help="EMA half-life, kimg")
     add("--ema-rampup",    default=0.05,  type=float, help="half-life at most this fraction of the images seen")
     add("--clip-grad",     default=0.0,   type=float, help="clip the gradient norm to this; 0: off")
@@ -216,6 +216,7 @@ def parse_config(argv=None):
         snapshot_kimg = preset["snapshot_kimg"],
         p_zero        = preset["p_zero"] if stage == "distill" else init_cfg["p_zero"] if init_cfg else 0.0,
         weighting     = preset["weighting"] if stage == "distill" else init_cfg["weighting"] if init_cfg else "none",
+        branch_lr_mult = preset["branch_lr_mult"] if stage == "distill" else (init_cfg or {}).get("branch_lr_mult", 1),
         out           = f"runs/{stage}-{cfg['preset']}",
     )
     if stage == "adv":      # go on at the learning rate where the distillation ended, constant; r = r_max
@@ -254,6 +255,16 @@ def learning_rate(step, cfg):
     return lr
 
 
+def param_groups(net, weight, branch_lr_mult):
+    """Adam's groups with their lr factors: the student's new s and lam branches (unet.STUDENT_ONLY) start at
+    gain 0 and get branch_lr_mult, since at a distillation's lr (1% of the teacher's) a zero gain moves at most
+    lr per step, too little in a short run (README, digits); the rest, and the weighting head, 1."""
+    new = [name.startswith(unet.STUDENT_ONLY) for name, _ in net.named_parameters()]
+    branch = [p for p, is_new in zip(net.parameters(), new) if is_new]
+    rest = [p for p, is_new in zip(net.parameters(), new) if not is_new] + (list(weight.parameters()) if weight else [])
+    return [dict(params=rest, lr_mult=1.0), dict(params=branch, lr_mult=branch_lr_mult)]
+
+
 def ema_beta(nimg, batch, cfg):
     """EMA decay per step for a half-life of ema_kimg, capped at ema_rampup x the images seen (EDM):
     beta = 0.5 ** (batch / half-life), so the average forgets half of itself every half-life."""
@@ -264,11 +275,6 @@ def ema_beta(nimg, batch, cfg):
 def seed_of(*keys):
     """A 64-bit seed hashed from integers (numpy's SeedSequence), e.g. (seed, step)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
-
-
-def unconditional(velocity):
-    """CFG's weak model: the same velocity with the label dropped."""
-    return lambda x, t, label=None: velocity(x, t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,6 +316,11 @@ def divergence_probe(cfg, num_classes, device, n=4):
     return z, cond
 
 
+def unconditional(velocity):
+    """CFG's weak model: the same velocity with the label dropped."""
+    return lambda x, t, label=None: velocity(x, t)
+
+
 def teacher_velocity(teacher, guide, guidance):
     """The velocity the student distills (docs/method.md §6): autoguided by the weak guide, CFG's (the
     weak model is the teacher without label), or the plain teacher's (guidance none)."""
@@ -327,16 +338,6 @@ def distill_objective(net, velocity, x0, d, r, cfg, **cond):
     if cfg["loss"] == "emd":
         return emd_loss(net, velocity, x_t, d["t"], d["s"], r=r, c=cfg["c"], jvp_method=cfg["jvp"], **cond)
     return lmd_loss(net, velocity, x_t, d["t"], d["s"], c=cfg["c"], jvp_method=cfg["jvp"], **cond)
-
-
-def status_line(stats, stage, loss):
-    """The status line rank 0 prints (log.jsonl gets the same figures)."""
-    return (f"kimg {stats['kimg']:<8.2f} step {stats['step']:<7d} loss {stats['loss']:<8.3g} lr {stats['lr']:<8.2e} "
-            + (f"r {stats['r']:<5.3f} " if loss == "emd" else "")
-            + (f"D {stats['d_loss']:<6.3f} G_adv {stats['g_adv']:<6.3f} "
-               f"D(real)-D(fake) {stats['d_real_minus_fake']:<+7.3f} " if stage == "adv" else "")
-            + f"sec/kimg {stats['sec_per_kimg']:<7.2f} mem {stats['mem_gib']:.2f} GiB skipped {stats['skipped']} "
-            + f"eta {format_duration(stats['eta_sec'])}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     if weight and stage == "adv" and read_config(cfg["init"])["weighting"] == "adaptive":
         weight.load_state_dict(distilled_weighting(cfg["init"], device))   # u(t, s) as the distillation left it
     params = list(net.parameters()) + (list(weight.parameters()) if weight else [])
-    optimizer = torch.optim.Adam(params, lr=cfg["lr"], betas=ADAM_BETAS)
+    optimizer = torch.optim.Adam(param_groups(net, weight, cfg["branch_lr_mult"]), lr=cfg["lr"], betas=ADAM_BETAS)
     head = optimizer_D = None
     if stage == "adv":                                              # the same initial head on every rank
         D, head, optimizer_D = build_discriminator(teacher, cfg["preset"], ds.num_classes, cfg["adv_lr"], device)
@@ -499,7 +500,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                 if cfg["clip_grad"] > 0:
                     torch.nn.utils.clip_grads_with_norm_(params, cfg["clip_grad"], grad_norm)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group["lr_mult"]
                 optimizer.step()
                 net.normalize_weights_()                            # EDM2 forced weight normalization
                 beta = ema_beta((step + 1) * B, B, cfg)
@@ -534,16 +535,11 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
                 finite_steps = steps_since = 0
                 tick = time.time()
 
-            # Save snapshot: rank 0 writes both files (every rank holds the same weights).
+            # Save snapshot and training state: rank 0 writes both (every rank holds the same weights).
             if step % snapshot_every == 0 or done:
                 if rank == 0:
-                    save_atomic(dict(config=cfg, ema=ema.state_dict(), step=step,
-                                     weight=weight.state_dict() if weight else None), out / "snapshot.pt", saved_step)
-                    save_atomic(dict(config=cfg, step=step, skipped=skipped, net=net.state_dict(),
-                                     ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                                     weight=weight.state_dict() if weight else None, disc=head.state_dict() if head
-                                     else None, disc_optimizer=optimizer_D.state_dict() if head else None),
-                               state_path, saved_step)
+                    save_run(out, cfg, step, skipped, saved_step, net=net, ema=ema, optimizer=optimizer,
+                             weight=weight, disc=head, disc_optimizer=optimizer_D)
                 saved_step = step
     if rank == 0:
         print(f"{'stopped' if stop else 'finished'} at step {step}: {out / 'training-state.pt'}")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+import launch
 import losses
 import train_imagenet as ti
 import unet
@@ -432,9 +433,9 @@ def test_adv_checks_its_init_and_resolves_from_it(runs, distilled, tmp_path, cap
 
 
 def test_format_duration():
-    assert ti.format_duration(0) == "0:00"
-    assert ti.format_duration(725.4) == "12:05"
-    assert ti.format_duration(3723) == "1:02:03"
+    assert launch.format_duration(0) == "0:00"
+    assert launch.format_duration(725.4) == "12:05"
+    assert launch.format_duration(3723) == "1:02:03"
 
 
 def test_distillation_recipe_defaults(tmp_path):
@@ -526,3 +527,17 @@ def test_divergence_guard_stops_without_overwriting_the_last_good_state(runs, tm
     for key in ("net", "ema"):
         assert_same_tensors(a[key], b[key])
     assert all(math.isfinite(line["jump_excursion"]) for line in log(tmp_path / "straight"))
+
+
+def test_the_students_new_branches_train_at_branch_lr_mult(runs, tmp_path):
+    """Adam's first step moves a scalar by lr x g / (|g| + eps), about lr x sign(g) (within 1% here, where |g|
+    is small): the zero-init gains of the s and lam branches must move by lr x --branch-lr-mult, an
+    inherited scalar (out_gain) by lr."""
+    lr, mult = 1e-3, 7.0
+    ti.main(distill(runs, tmp_path / "ayf", *kimg(1), "--lr", str(lr), "--lr-rampup", "0", "--branch-lr-mult",
+                    str(mult), "--guidance", "auto"))
+    teacher = torch.load(runs / "teacher" / "snapshot.pt", weights_only=True)["ema"]
+    net = state(tmp_path / "ayf")["net"]
+    assert net["emb_s_gain"].abs().item() == pytest.approx(lr * mult, rel=1e-2)
+    assert net["emb_lam_gain"].abs().item() == pytest.approx(lr * mult, rel=1e-2)
+    assert (net["out_gain"] - teacher["out_gain"]).abs().item() == pytest.approx(lr, rel=1e-2)
