@@ -15,11 +15,16 @@ evaluate.py, in OUT/<stage>:
     eval      evaluate.py: FD, precision / recall, conditional accuracy and distillation error of
               every run at 1, 2, 4, 8 steps and lam = 1, 2; OUT/eval/metrics.json and eval.png
 
-A rerun skips what is finished (train_imagenet.py does nothing for a finished run and resumes an
-interrupted one; eval is skipped once metrics.json exists). Each stage prints its own progress and
-ETA (the status line of train_imagenet.py); this script prints each stage's wall and CPU time,
-which lands in OUT/timings.json. --stages picks a subset; a flag after `--` goes to every
-distillation (e.g. `-- --weighting adaptive`).
+The stages run in waves that keep every core busy with one single-threaded process each (--cores,
+default all): the teacher and the guide as data-parallel runs (train_imagenet.py --gpus CORES on
+the CPU, gloo), then EMD beside LMD, then CM beside adv, then eval. Small convolutions scale
+better over processes than over threads, and a thread pool degrades badly when other jobs share
+the cores. A rerun skips what is finished (train_imagenet.py does nothing for a finished run and
+resumes an interrupted one; eval is skipped once metrics.json exists). Each stage writes its
+progress and ETA (train_imagenet.py's status line) to OUT/<stage>.log, and this script prints
+each stage's last line every minute, and each finished stage's wall and CPU time, which land in
+OUT/timings.json. --stages picks a subset; a flag after `--` goes to every distillation
+(e.g. `-- --weighting none`).
 
 Distillation and adv run at batch 32 (the teacher: 64) and the distillation at 10x the lr that
 train_imagenet.py derives for ImageNet (teacher lr x 0.01, sCM's ratio for 400k iterations): the
@@ -27,7 +32,7 @@ digits budget is 100 distillation iterations.
 """
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +40,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("teacher", "guide", "emd", "lmd", "cm", "adv", "eval")
+WAVES = (("teacher",), ("guide",), ("emd", "lmd"), ("cm", "adv"), ("eval",))   # side by side within a wave
+DATA_PARALLEL = ("teacher", "guide")                                            # train_imagenet.py --gpus CORES
 GUIDE_FRACTION = 1 / 8          # the guide's training length against the teacher's (autoguidance: shorter)
 DISTILL_LR = 1e-3               # teacher lr 0.01 x 0.1 (see the module doc)
 DISTILL_BATCH = 32              # half the teacher's: twice the iterations for the same images
@@ -67,10 +74,43 @@ def train_preset():
     return train_imagenet.PRESETS["digits"]
 
 
-def cpu_seconds():
-    """User + system CPU time of the finished child processes so far (load-independent cost)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def start(name, command, out, threads):
+    """Start one stage, its output appended to OUT/<name>.log: (process, start time, log file)."""
+    log = open(out / f"{name}.log", "a")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.Popen(command, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log
+
+
+def last_line(path):
+    """The last status line of a stage's log (tqdm's carriage returns split lines too)."""
+    text = path.read_text(errors="replace").replace("\r", "\n").strip()
+    return text.splitlines()[-1] if text else ""
+
+
+def run_wave(names, commands, out, cores):
+    """Run a wave's stages side by side and wait for all: {name: (exit code, wall s, CPU s)}. CPU seconds
+    are the stage's own and its workers' (os.wait4's rusage), whatever else runs beside it."""
+    running = {name: start(name, commands[name], out, 1 if name in DATA_PARALLEL else max(1, cores // len(names)))
+               for name in names}
+    done, shown = {}, time.time()
+    while len(done) < len(running):
+        try:
+            time.sleep(1)
+        except KeyboardInterrupt:                                   # Ctrl-C reached the stages too: they save
+            for process, _, _ in running.values():
+                process.wait()
+            sys.exit("digits.py: interrupted; the same command resumes every stage where it stopped")
+        for name, (process, started, log) in running.items():
+            pid, status, usage = (0, 0, None) if name in done else os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                done[name] = (process.returncode, time.time() - started, usage.ru_utime + usage.ru_stime)
+                log.close()
+        if time.time() - shown > 60:                                # progress and ETA: each stage's status line
+            shown = time.time()
+            for name in set(running) - set(done):
+                print(f"  {name}: {last_line(out / f'{name}.log')}", flush=True)
+    return done
 
 
 def main(argv=None):
@@ -84,6 +124,7 @@ def main(argv=None):
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--teacher-kimg", default=None, type=float, help="teacher length (the preset's by default)")
     p.add_argument("--eval-num", default=500, type=int, help="samples per run, step count and lam")
+    p.add_argument("--cores", default=os.cpu_count(), type=int, help="processes at a time (all cores)")
     p.add_argument("--seed", default=0, type=int)
     args = p.parse_args(argv)
     stages = args.stages.split(",")
@@ -92,31 +133,41 @@ def main(argv=None):
         p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
     if not Path(args.data).exists():
         p.error(f"--data {args.data} does not exist; pass the folder that holds the MNIST idx files")
+    if args.cores < 1:
+        p.error(f"--cores {args.cores}: need at least 1")
 
     commands = stage_commands(args, extra)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    start = time.time()
-    for k, name in enumerate(s for s in STAGES if s in stages):
-        print(f"\n=== digits.py stage {k + 1}/{len(stages)}: {name}  (elapsed {time.time() - start:.0f} s)\n"
-              + " ".join(commands[name]), flush=True)
-        if name == "eval" and (out / "eval" / "metrics.json").exists():
-            print(f"{out / 'eval' / 'metrics.json'} exists; nothing to do (delete it to evaluate again)")
+    begin, worked = time.time(), set()
+    if args.cores > 1:                                              # the teacher and guide: data-parallel
+        for name in DATA_PARALLEL:
+            commands[name] += ["--gpus", str(args.cores)]
+    if "eval" in stages and (out / "eval" / "metrics.json").exists():
+        print(f"{out / 'eval' / 'metrics.json'} exists; eval has nothing to do (delete it to evaluate again)")
+        stages.remove("eval")
+    for wave in ([name for name in wave if name in stages] for wave in WAVES):
+        if not wave:
             continue
-        wall, cpu = time.time(), cpu_seconds()
-        result = subprocess.run(commands[name], cwd=HERE)
-        if result.returncode != 0:
-            print(f"digits.py: stage {name} failed (exit code {result.returncode}); fix it and rerun the "
-                  f"same command, finished stages are skipped", file=sys.stderr)
-            sys.exit(result.returncode)
-        wall, cpu = time.time() - wall, cpu_seconds() - cpu
-        if wall > 30:       # a skipped stage takes a few seconds: keep the time of the run that did the work
-            timings[name] = dict(wall_sec=round(wall, 1), cpu_sec=round(cpu, 1))
-            timings_path.write_text(json.dumps(timings, indent=1))
-        print(f"=== {name}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
-    print(f"\ndigits.py: done in {time.time() - start:.0f} s; metrics in {out / 'eval' / 'metrics.json'}")
+        print(f"\n=== digits.py: {' and '.join(wave)}  (elapsed {time.time() - begin:.0f} s; logs in {out}/<stage>.log)")
+        for name in wave:
+            print(" ".join(commands[name]), flush=True)
+        for name, (code, wall, cpu) in run_wave(wave, commands, out, args.cores).items():
+            if code != 0:
+                print(f"digits.py: stage {name} failed (exit code {code}); the end of {out / f'{name}.log'}:\n"
+                      f"  {last_line(out / f'{name}.log')}\nfix it and rerun the same command, finished stages are "
+                      f"skipped", file=sys.stderr)
+                sys.exit(code)
+            if wall > 30:   # a skipped stage takes a few seconds: keep the time of the run that did the work
+                timings[name] = dict(wall_sec=round(wall, 1), cpu_sec=round(cpu, 1))
+                worked.add(name)
+            print(f"=== {name}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+    if worked == set(STAGES):                                       # a whole chain in this command
+        timings["chain"] = dict(wall_sec=round(time.time() - begin, 1), cores=args.cores)
+    timings_path.write_text(json.dumps(timings, indent=1))
+    print(f"\ndigits.py: done in {time.time() - begin:.0f} s; metrics in {out / 'eval' / 'metrics.json'}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """digits.py: each stage's command line is what the README says, and bad input is one line, exit 2."""
 import argparse
+import sys
 
 import pytest
 
@@ -33,3 +34,17 @@ def test_bad_input(tmp_path, capsys):
             digits.main(argv)
         assert exit.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_wave_runs_its_stages_side_by_side_with_their_own_cpu_time_and_logs(tmp_path):
+    """Two stages of one wave: both start at once (the fast one ends first and its failure is reported with
+    its exit code), each gets its own CPU seconds (os.wait4), its output lands in OUT/<stage>.log, and a
+    wave of 2 on 2 cores runs each single-threaded."""
+    burn = "import os, time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n" \
+           "print('burnt', os.environ['OMP_NUM_THREADS'])"
+    commands = {"slow": [sys.executable, "-c", burn], "fails": [sys.executable, "-c", "print('oops'); exit(3)"]}
+    done = digits.run_wave(["slow", "fails"], commands, tmp_path, cores=2)
+    assert done["fails"][0] == 3 and done["slow"][0] == 0
+    assert done["slow"][2] >= 0.5 > done["fails"][2]                       # CPU seconds: each its own
+    assert digits.last_line(tmp_path / "slow.log") == "burnt 1"
+    assert digits.last_line(tmp_path / "fails.log") == "oops"
