@@ -21,8 +21,10 @@ def test_stage_commands(tmp_path):
     assert teacher["preset"] == guide["preset"] == "digits" and guide["kimg"] == teacher["kimg"] / 8
     for name in ("emd", "lmd", "cm"):
         assert cmds[name][cmds[name].index("--loss") + 1] == ("lmd" if name == "lmd" else "emd")
-        assert "--weighting" in cmds[name] and cmds[name][-1] == str(tmp_path / name)
+        assert cmds[name][-2:] == ["--weighting", "adaptive"]                # a flag after -- comes last: it wins
+        assert cmds[name][cmds[name].index("--out") + 1] == str(tmp_path / name)
     assert cmds["cm"][cmds["cm"].index("--p-zero") + 1] == "1"        # s = 0 only: consistency model
+    assert float(cmds["cm"][cmds["cm"].index("--lr") + 1]) == digits.CM_LR
     assert "--p-zero" not in cmds["emd"]
     assert cmds["adv"][cmds["adv"].index("--init") + 1] == str(tmp_path / "emd")
     assert [r.split("=")[0] for r in cmds["eval"][cmds["eval"].index("--runs") + 1:][:4]] == ["emd", "lmd", "cm", "adv"]
