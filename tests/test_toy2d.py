@@ -5,29 +5,51 @@ distance to the data the closed form of a shift."""
 import json
 import math
 
+import pytest
 import torch
 
 import losses
 import toy2d
 
 
-def test_exact_velocity_matches_brute_force():
-    # E[eps - x0 | x_t] written directly over (N, K, 2) component tensors with torch.softmax.
+@pytest.mark.parametrize("blur", [1.0, 2.0])
+def test_exact_velocity_matches_brute_force(blur):
+    # E[eps - x0 | x_t] written directly over (N, K, 2) component tensors with torch.softmax; label -1
+    # (unconditional) keeps every component, blur scales every std.
     g = torch.Generator().manual_seed(0)
     n = 300
     x = 1.5 * torch.randn(n, 2, generator=g, dtype=torch.float64)
     t = torch.rand(n, generator=g, dtype=torch.float64)
-    label = torch.randint(toy2d.NUM_CLASSES, (n,), generator=g)
-    tt = t[:, None]
+    label = torch.randint(-1, toy2d.NUM_CLASSES, (n,), generator=g)
+    tt, stds = t[:, None], blur * toy2d.STDS[None]
     m = (1 - tt[..., None]) * toy2d.MEANS[None]                          # (N, K, 2)
-    var = (1 - tt) ** 2 * toy2d.STDS[None] ** 2 + tt ** 2                 # (N, K)
+    var = (1 - tt) ** 2 * stds ** 2 + tt ** 2                            # (N, K)
     d = x[:, None, :] - m
     log_p = -0.5 * d.square().sum(-1) / var - torch.log(2 * math.pi * var)
-    log_p = log_p.masked_fill(toy2d.COMPONENT_CLASS[None] != label[:, None], -math.inf)
-    resp = torch.softmax(log_p, dim=1)
-    gain = (tt - (1 - tt) * toy2d.STDS[None] ** 2) / var
+    other = (toy2d.COMPONENT_CLASS[None] != label[:, None]) & (label[:, None] >= 0)
+    resp = torch.softmax(log_p.masked_fill(other, -math.inf), dim=1)
+    gain = (tt - (1 - tt) * stds ** 2) / var
     v_brute = (resp[..., None] * (-toy2d.MEANS[None] + gain[..., None] * d)).sum(1)
-    torch.testing.assert_close(toy2d.exact_velocity(x, t, label), v_brute, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(toy2d.exact_velocity(x, t, label, blur), v_brute, rtol=1e-9, atol=1e-9)
+
+
+def test_unconditional_exact_velocity_is_the_class_posterior_mix():
+    # Total expectation: v(x) = sum_c P(c | x_t = x) v(x | c), P(c | x) from the class densities.
+    g = torch.Generator().manual_seed(1)
+    n = 200
+    x, t = torch.randn(n, 2, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    log_class = torch.stack([toy2d._component_log_density(x, t, toy2d.MEANS[toy2d.COMPONENT_CLASS == c],
+                                                          toy2d.STDS[toy2d.COMPONENT_CLASS == c])[0].logsumexp(1)
+                             for c in range(toy2d.NUM_CLASSES)], dim=1)             # (N, classes) + const
+    post = torch.softmax(log_class, dim=1)
+    v_c = torch.stack([toy2d.exact_velocity(x, t, torch.full((n,), c)) for c in range(toy2d.NUM_CLASSES)], 1)
+    expected = (post[..., None] * v_c).sum(1)
+    torch.testing.assert_close(toy2d.exact_velocity(x, t, torch.full((n,), -1)), expected, rtol=1e-9, atol=1e-9)
+    teacher = toy2d.exact_teacher()                                     # one-hot, all-zero = unconditional
+    onehot = toy2d.one_hot(torch.arange(n) % 2) * (torch.arange(n) % 3 > 0)[:, None]
+    k = torch.where(onehot.sum(1) > 0, onehot.argmax(1), -1)
+    torch.testing.assert_close(teacher(x.float(), t.float(), label=onehot),
+                               toy2d.exact_velocity(x.float(), t.float(), k).float())
 
 
 def test_exact_flow_lands_on_the_data():
@@ -81,8 +103,9 @@ def test_student_starts_as_its_teacher():
     assert torch.equal(student(x, t, s, label=label, lam=1 + 2 * torch.rand(16)), teacher(x, t, t, label=label))
 
 
-def test_smoke_run_writes_figure_and_metrics(tmp_path, capsys):
-    argv = ["--out", str(tmp_path), "--teacher-steps", "20", "--guide-steps", "10", "--distill-steps", "10",
+@pytest.mark.parametrize("teacher,jobs", [("exact", "3"), ("mlp", "1")])
+def test_smoke_run_writes_figure_and_metrics(tmp_path, capsys, teacher, jobs):
+    argv = ["--out", str(tmp_path), "--teacher", teacher, "--jobs", jobs, "--teacher-steps", "20", "--guide-steps", "10", "--distill-steps", "10",
             "--adv-steps", "4", "--n-eval", "400", "--steps", "1,2", "--batch", "64", "--teacher-batch", "64"]
     toy2d.main(argv)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -97,7 +120,7 @@ def test_smoke_run_writes_figure_and_metrics(tmp_path, capsys):
     capsys.readouterr()
     toy2d.main(argv)                                                    # second run: every model cached
     out = capsys.readouterr().out
-    assert out.count(": loaded ") == 6 and "trained" not in out
+    assert out.count(": loaded ") == (5 if teacher == "exact" else 6) and "trained" not in out
 
 
 def test_divergence_guard_stops_a_drifting_flow_map_and_keeps_its_last_good_weights(capsys):
