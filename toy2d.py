@@ -1,16 +1,19 @@
 """AYF on a 2D toy, end to end on a CPU: the front door of this repository.
 
-    python toy2d.py          # trains 6 models (timed in the README); a rerun reuses them: 32 CPU s
+    python toy2d.py          # trains 5 models (timed in the README); a rerun reuses them
     python toy2d.py --methods emd,cm --retrain --steps 1,2,4
+    python toy2d.py --teacher mlp    # distill the trained MLP (with a trained weak guide) instead
 
 Data: a class-conditional Gaussian mixture (two interleaved spirals of small components), so the
 exact teacher velocity and the exact flow map are known (docs/method.md §2). The script trains an
-MLP teacher by flow matching (with label dropout, so CFG works; logit-normal times, so most of them
-fall where the thin components are told apart), a weak guide (smaller, trained shorter), then flow
-maps by AYF-EMD (autoguided, lam ~ U[1, 3] given to the student), AYF-LMD and the consistency-model
-baseline (EMD with s = 0), and finally a short adversarial finetune of the EMD map. Each model is
-evaluated at 1, 2, 4, 8, 16 steps: the sliced Wasserstein distance of its samples to the data
-(averaged over 4 reference sets) and the error against the exact ODE endpoint from the same noise.
+MLP by flow matching (with label dropout, so CFG works; logit-normal times, so most of them fall
+where the thin components are told apart): the students start from it. They distill the exact
+velocity, autoguided by the exact velocity of a blurred mixture (--teacher mlp: the MLP, guided by
+a smaller MLP trained shorter): flow maps by AYF-EMD (lam ~ U[1, 3] given to the student), AYF-LMD
+and the consistency-model baseline (EMD with s = 0), in parallel processes, and finally a short
+adversarial finetune of the EMD map. Each model is evaluated at 1, 2, 4, 8, 16 steps: the sliced
+Wasserstein distance of its samples to the data (averaged over 4 reference sets) and the error
+against the exact ODE endpoint from the same noise.
 """
 import argparse
 import copy
