@@ -73,6 +73,26 @@ def guided_velocity(velocity, weak, x, t, lam=None, **cond):
     return torch.lerp(weak(x, t, **cond), v, lam)                       # v_weak + lam (v - v_weak)
 
 
+def velocity_in_range(v, x, s, data_range, s_min=1e-3):
+    """The teacher velocity v at (x, s) with its x0-prediction projected onto the data range [lo, hi]
+    (docs/method.md §4, 'The teacher at the predicted point'):
+
+        D = x - s v                            the x0-prediction, E[x0 | x_s = x] for the exact v
+        v_in = v + (D - clamp(D, lo, hi)) / s  = (x - clamp(D, lo, hi)) / s
+
+    The exact D is an average of data points, so it lies in [lo, hi]: this is the identity wherever
+    the teacher's D does, and elsewhere never farther from the exact v (clamping is a projection onto
+    a box that holds the exact D). lo, hi: numbers, or tensors that broadcast against x (per
+    coordinate). At s = 0, D = x whatever v is, and the exact v off the data is infinite (x - D_exact
+    over s = 0); there s_min stands in for s, so v_in points away from the range, steeply. It is
+    Imagen's static thresholding of the x0-prediction (Saharia et al. 2022), written as a velocity.
+    """
+    lo, hi = data_range
+    s = bcast(s, x)
+    D = x - s * v                                                       # (N, ...) x0-prediction
+    return v + (D - torch.clamp(D, lo, hi)) / torch.where(s > 0, s, s_min)
+
+
 def time_grid(steps, device=None, dtype=torch.float32, t_max=1.0):
     """t_max = t_0 > t_1 > ... > t_N = 0, uniform in t (AYF samples with uniform steps in t).
 

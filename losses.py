@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as nnf
 
-from flowmap import bcast
+from flowmap import bcast, velocity_in_range
 from jvp import value_and_jvp
 
 
@@ -87,7 +87,7 @@ def emd_loss(net, velocity, x_t, t, s, r=0.99, c=0.1, jvp_method="exact", **cond
     return _per_sample_mse(F, target)
 
 
-def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", **cond):
+def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", data_range=None, **cond):
     """AYF-LMD, Lagrangian map distillation (AYF Sec. 3.1, Lagrangian theorem). Per-sample surrogate.
 
     Derivation: docs/method.md §4.
@@ -110,6 +110,15 @@ def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", **cond):
     Surrogate. ||F_theta - sg(F^- - h~)||^2 with h~ = h / (||h|| + c) has gradient 2 grad F^T h~,
     the limit gradient with h normalized like EMD's tangent (our choice; the (t - s)^2 factor is
     left to the weighting). Checks: at s = t, h = F - v (flow matching); at the exact map, h = 0.
+
+    The teacher at the predicted point (docs/method.md §4). v(f^-, s) is the one teacher query that
+    need not be on the data's path: f^- is the student's guess, and where it leaves the data region
+    the teacher extrapolates. If its x0-prediction D = f^- - s v there overshoots the data (a guided
+    teacher's can), the teacher ODE that LMD imitates runs away from the data as s -> 0, and so does
+    F, while the normalized loss stays O(1) (README, 'LMD divergence'). data_range = (lo, hi), the
+    box that holds the data, projects D onto it (flowmap.velocity_in_range). That is the identity
+    wherever the teacher's D is in range, so the derivation and checks above are untouched there,
+    and it makes the teacher ODE, hence LMD's fixed point, land within (s / t) x_t + (1 - s / t) [lo, hi].
     """
     F, dF_ds = value_and_jvp(lambda x, t_, s_: net(x, t_, s_, **cond),
                              (x_t, t, s), (None, None, torch.ones_like(s)), jvp_method)   # tangent (0, 0, 1)
@@ -117,7 +126,10 @@ def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", **cond):
         F_sg = F.detach()                                               # F^-
         f_sg = x_t + bcast(s - t, x_t) * F_sg                           # f^-(x_t, t, s)
         df_ds = F_sg + bcast(s - t, x_t) * dF_ds
-        h = df_ds - velocity(f_sg, s, **cond)                           # ODE residual at the end point
+        v_f = velocity(f_sg, s, **cond)                                 # the teacher at the predicted point
+        if data_range is not None:
+            v_f = velocity_in_range(v_f, f_sg, s, data_range)           # its x0-prediction kept in range
+        h = df_ds - v_f                                                 # ODE residual at the end point
         target = F_sg - _normalize(h, c)
     return _per_sample_mse(F, target)
 
