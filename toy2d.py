@@ -329,7 +329,7 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
             s = torch.zeros_like(s)                                     # consistency model: always jump to 0
         x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
         if objective == "lmd":
-            loss = lmd_loss(student, velocity, x_t, t, s, c=args.c, **cond)
+            loss = lmd_loss(student, velocity, x_t, t, s, c=args.c, data_range=DATA_RANGE, **cond)
         else:
             r = tangent_warmup(step, args.warmup, args.r_max) if not adv else args.r_max
             loss = emd_loss(student, velocity, x_t, t, s, r=r, c=args.c, **cond)

@@ -337,7 +337,8 @@ def distill_objective(net, velocity, x0, d, r, cfg, **cond):
     x_t = torch.lerp(x0, d["eps"], d["t"][:, None, None, None])            # (b, 3, R, R)
     if cfg["loss"] == "emd":
         return emd_loss(net, velocity, x_t, d["t"], d["s"], r=r, c=cfg["c"], jvp_method=cfg["jvp"], **cond)
-    return lmd_loss(net, velocity, x_t, d["t"], d["s"], c=cfg["c"], jvp_method=cfg["jvp"], **cond)
+    return lmd_loss(net, velocity, x_t, d["t"], d["s"], c=cfg["c"], jvp_method=cfg["jvp"],
+                    data_range=(-1.0, 1.0), **cond)                     # teacher's x0 at f^- kept in range
 
 
 # ----------------------------------------------------------------------------------------------

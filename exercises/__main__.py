@@ -42,7 +42,8 @@ the teacher."""
 EXERCISES = {
     1: Exercise("lmd", "Derive and implement the LMD objective", [("losses.py", "lmd_loss", (
         "AYF-LMD (AYF Sec. 3.1, Lagrangian theorem); the discrete objective L_eps is in docs/method.md §4.\n"
-        + SURROGATE))], ["`dF_ds` in `lmd_loss`", "| `h = df/ds"]),
+        + SURROGATE + "\ndata_range (lo, hi), when given: pass the teacher's velocity at the predicted point through\n"
+        "flowmap.velocity_in_range (docs/method.md §4, 'The teacher at the predicted point')."))], ["`dF_ds` in `lmd_loss`", "| `h = df/ds"]),
     2: Exercise("emd", "Derive the EMD surrogate", [("losses.py", "emd_loss", (
         "AYF-EMD (AYF Sec. 3.1, Eulerian theorem); the discrete objective L_eps is in docs/method.md §3.\n"
         + SURROGATE + "\nr (tangent warmup) multiplies the term that carries dF/dt."))],

@@ -67,6 +67,7 @@ def grads(loss, net):
     return torch.cat([p.flatten() for p in torch.autograd.grad(loss.sum(), list(net.parameters()))])
 
 
+@pytest.mark.ex_lmd
 def test_lmd_data_range_changes_nothing_while_the_teacher_is_in_range():
     """With the exact teacher of in-box data, data_range leaves LMD's loss and gradient exactly as
     they are (so every exact-flow-map check of lmd_loss still holds)."""
@@ -78,6 +79,7 @@ def test_lmd_data_range_changes_nothing_while_the_teacher_is_in_range():
     assert torch.equal(grads(plain, net), grads(ranged, net))
 
 
+@pytest.mark.ex_lmd
 def test_lmd_data_range_is_the_loss_of_the_projected_teacher():
     """With a teacher whose x0-prediction overshoots, data_range gives the loss and gradient of LMD
     run on a teacher projected by hand: x0-prediction clamped, velocity (x - x0) / s."""
@@ -131,6 +133,7 @@ def max_jump_F_after_lmd(data_range, steps=100, seed=1):
         return net(z, torch.ones(500), torch.zeros(500)).norm(dim=1).max().item()
 
 
+@pytest.mark.ex_lmd
 def test_lmd_does_not_drift_off_an_overshooting_teacher_with_the_data_range():
     """100 LMD steps: without data_range max |F(z, 1, 0)| runs away (2.2 -> 2.9e4, the reported
     symptom); with it, it stays at the exact map's (|z| (1 - C) = 2.2 at most here; measured 2.1)."""
@@ -138,3 +141,20 @@ def test_lmd_does_not_drift_off_an_overshooting_teacher_with_the_data_range():
     assert drifting > 1e3, f"the construction did not drift without data_range (max |F(z, 1, 0)| {drifting:.3g})"
     kept = max_jump_F_after_lmd((-B, B))
     assert kept < 10, f"LMD with data_range drifted: max |F(z, 1, 0)| {kept:.3g} after 100 steps (exact: ~2.2)"
+
+
+def test_a_teacher_in_range_flows_into_the_box():
+    """docs/method.md §4: with x0-predictions in [lo, hi], the ODE from (x_t, t) ends in
+    (s / t) x_t + (1 - s / t) [lo, hi]; RK4 on the projected overshooting teacher, from far outside too."""
+    from gaussian_oracle import rk4_flow_map
+    g = torch.Generator().manual_seed(5)
+    x_t = 6 * torch.randn(64, 2, generator=g, **f64)
+
+    def projected(x, t):
+        return flowmap.velocity_in_range(dirac_velocity(x, t) - 4 * x / t[:, None], x, t, (LO, HI))
+    for t, s in ((1.0, 0.5), (0.8, 0.1), (0.5, 0.02)):
+        x_s = rk4_flow_map(projected, x_t, t, s, steps=400)
+        lo, hi = s / t * x_t + (1 - s / t) * LO, s / t * x_t + (1 - s / t) * HI
+        assert (x_s >= lo - 1e-6).all() and (x_s <= hi + 1e-6).all(), (t, s)
+        raw = rk4_flow_map(lambda x, t_: dirac_velocity(x, t_) - 4 * x / t_[:, None], x_t, t, s, steps=400)
+        assert ((raw < lo - 1) | (raw > hi + 1)).any(), (t, s)          # unprojected, it does leave
