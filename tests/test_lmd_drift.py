@@ -130,17 +130,22 @@ def max_jump_F_after_lmd(data_range, steps=100, seed=1):
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return net(z, torch.ones(500), torch.zeros(500)).norm(dim=1).max().item()
+        F = net(z, torch.ones(500), torch.zeros(500))
+    return F.norm(dim=1).max().item(), flowmap.jump_excursion(net, z, (-B, B))
 
 
 @pytest.mark.ex_lmd
 def test_lmd_does_not_drift_off_an_overshooting_teacher_with_the_data_range():
     """100 LMD steps: without data_range max |F(z, 1, 0)| runs away (2.2 -> 2.9e4, the reported
-    symptom); with it, it stays at the exact map's (|z| (1 - C) = 2.2 at most here; measured 2.1)."""
-    drifting = max_jump_F_after_lmd(None)
+    symptom) and the training loops' divergence guard (flowmap.jump_excursion beyond the range's
+    width) would stop it; with data_range it stays at the exact map's (|z| (1 - C) = 2.2 at most
+    here; measured 2.1) and the guard stays quiet."""
+    drifting, excursion = max_jump_F_after_lmd(None)
     assert drifting > 1e3, f"the construction did not drift without data_range (max |F(z, 1, 0)| {drifting:.3g})"
-    kept = max_jump_F_after_lmd((-B, B))
+    assert excursion > 2 * B, f"the divergence guard misses the drift: excursion {excursion:.3g} <= {2 * B}"
+    kept, excursion = max_jump_F_after_lmd((-B, B))
     assert kept < 10, f"LMD with data_range drifted: max |F(z, 1, 0)| {kept:.3g} after 100 steps (exact: ~2.2)"
+    assert excursion < 2 * B, f"the divergence guard fires on a sane map: excursion {excursion:.3g}"
 
 
 def test_a_teacher_in_range_flows_into_the_box():
