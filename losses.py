@@ -113,9 +113,10 @@ def lmd_loss(net, velocity, x_t, t, s, c=0.1, jvp_method="exact", data_range=Non
 
     The teacher at the predicted point (docs/method.md §4). v(f^-, s) is the one teacher query that
     need not be on the data's path: f^- is the student's guess, and where it leaves the data region
-    the teacher extrapolates. If its x0-prediction D = f^- - s v there overshoots the data (a guided
-    teacher's can), the teacher ODE that LMD imitates runs away from the data as s -> 0, and so does
-    F, while the normalized loss stays O(1) (README, 'LMD divergence'). data_range = (lo, hi), the
+    the teacher extrapolates. If its x0-prediction D = f^- - s v there overshoots f^- (a guided
+    teacher's can), it pulls f^- toward the data faster than 1 / (t - s), and then descent grows F
+    along itself: f^- moves further out and F drifts without bound while the normalized loss stays
+    O(1) (README, 'LMD divergence'). data_range = (lo, hi), the
     box that holds the data, projects D onto it (flowmap.velocity_in_range). That is the identity
     wherever the teacher's D is in range, so the derivation and checks above are untouched there,
     and it makes the teacher ODE, hence LMD's fixed point, land within (s / t) x_t + (1 - s / t) [lo, hi].
