@@ -172,9 +172,9 @@ def main(argv=None):
                 timings[name] = dict(wall_sec=round(wall, 1), cpu_sec=round(cpu, 1))
                 worked.add(name)
             print(f"=== {name}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
-    if worked == set(STAGES):                                       # a whole chain in this command
-        timings["chain"] = dict(wall_sec=round(time.time() - begin, 1), cores=args.cores)
-    timings_path.write_text(json.dumps(timings, indent=1))
+        if worked == set(STAGES):                                   # a whole chain in this command
+            timings["chain"] = dict(wall_sec=round(time.time() - begin, 1), cores=args.cores)
+        timings_path.write_text(json.dumps(timings, indent=1))      # after every wave: kept if a later one stops
     print(f"\ndigits.py: done in {time.time() - begin:.0f} s; metrics in {out / 'eval' / 'metrics.json'}")
 
 
