@@ -480,7 +480,9 @@ def setup_students(args, methods, distill_cfg, build, velocity):
     that saves its checkpoint, which this process then loads (a student whose training diverged is
     not saved, so it is trained again here, and stops the same way). adv finetunes emd, so it follows.
     """
-    configs = {m: dict(distill_cfg, objective=m) for m in ("emd", "lmd", "cm") if m in methods}
+    # lmd's teacher x0-prediction is projected onto DATA_RANGE (lmd_loss): a checkpoint from before is stale
+    configs = {m: dict(distill_cfg, objective=m, **({"x0_in_range": True} if m == "lmd" else {}))
+               for m in ("emd", "lmd", "cm") if m in methods}
     jobs = {m: functools.partial(cached, args, m, config, build,
                                  lambda n, g, m=m: train_flow_map(n, velocity, args, g, m, m))
             for m, config in configs.items()}
