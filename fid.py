@@ -15,6 +15,7 @@ Nothing here downloads anything: the detector and the reference statistics are f
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
@@ -35,7 +36,11 @@ def load_detector(path, device="cpu"):
             f"Inception detector not found at '{path}'. FID needs the TorchScript Inception-v3 of the "
             f"StyleGAN2-ADA metrics, 'inception-2015-12-05.pt', which users normally fetch once by hand "
             f"from {DETECTOR_URL} (this code never downloads it).")
-    return torch.jit.load(path, map_location=device).eval()
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except RuntimeError as error:                                   # not a TorchScript archive (torch's words)
+        raise ValueError(f"'{path}' is not a TorchScript file ({str(error).split('.')[0]}); FID needs "
+                         f"'inception-2015-12-05.pt' from {DETECTOR_URL}") from None
 
 
 def check_images(x):
@@ -197,7 +202,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     detector = load_detector(args.detector, args.device)
+    if not os.path.isfile(args.ref_from_npz):
+        raise FileNotFoundError(f"--ref-from-npz '{args.ref_from_npz}' does not exist")
     with np.load(args.ref_from_npz) as data:
+        if "arr_0" not in data.files:
+            raise ValueError(f"'{args.ref_from_npz}' holds {data.files}, not the images under 'arr_0' "
+                             f"(np.savez(path, images) writes them there)")
         images = data["arr_0"]                                          # (N, H, W, 3) uint8
     mu, sigma = feature_stats(compute_features(detector, images, args.batch, args.device))
     save_reference(args.out, mu, sigma)
@@ -205,4 +215,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:                # a missing or wrong file: one line, exit 2
+        print(f"fid.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -431,8 +431,11 @@ def run(args, rank=0, local_rank=0, world_size=1):
 
     # FID reference, on rank 0, before any sampling: a bad file fails at once.
     if args.fid and rank == 0:
-        detector = fid.load_detector(args.detector, device)
-        mu_ref, sigma_ref, real_feats = reference(args, config["resolution"], detector, device)
+        try:
+            detector = fid.load_detector(args.detector, device)
+            mu_ref, sigma_ref, real_feats = reference(args, config["resolution"], detector, device)
+        except ValueError as error:                                 # not TorchScript, stats without mu / sigma
+            raise UsageError(str(error)) from None
 
     # Sample each step count.
     for steps in args.steps:

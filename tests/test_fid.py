@@ -188,3 +188,29 @@ def test_precision_recall_limits():
 
     far = real + 1000.0
     assert fid.precision_recall(real, far) == (0.0, 0.0)
+
+
+def test_command_line_mistakes_are_one_line_and_exit_code_2(tmp_path):
+    """`python fid.py --ref-from-npz`: a detector that is not TorchScript, missing images, or an npz without
+    'arr_0' each end in one line naming the file, exit code 2, no traceback; a good call writes mu, sigma."""
+    import subprocess
+    import sys
+    good = str(tmp_path / "detector.pt")
+    torch.jit.save(torch.jit.script(BlockMeans()), good)
+    (tmp_path / "garbage.pt").write_text("not a TorchScript archive")
+    np.savez(tmp_path / "images.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "other.npz", pictures=np.zeros((4, 8, 8, 3), np.uint8))
+
+    def run(detector, images):
+        argv = ["--detector", str(tmp_path / detector), "--ref-from-npz", str(tmp_path / images),
+                "--out", str(tmp_path / "ref.npz"), "--device", "cpu"]
+        return subprocess.run([sys.executable, fid.__file__, *argv], capture_output=True, text=True)
+
+    for detector, images, expected in (("garbage.pt", "images.npz", "not a TorchScript file"),
+                                       ("detector.pt", "missing.npz", "does not exist"),
+                                       ("detector.pt", "other.npz", "not the images under 'arr_0'")):
+        result = run(detector, images)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and expected in result.stderr
+    assert run("detector.pt", "images.npz").returncode == 0
+    assert fid.load_reference(str(tmp_path / "ref.npz"))[0].shape == (48,)

@@ -18,6 +18,7 @@ from PIL import Image
 import dataset
 import fid
 import sample
+from checkpoint import UsageError
 import train_imagenet as ti
 from flowmap import as_velocity
 
@@ -234,3 +235,10 @@ def test_bench_table(runs, capsys):
 def test_clear_errors(runs, flags, error, match):
     with pytest.raises(error, match=re.escape(match)):
         sample.main([flag.format(runs=runs) for flag in flags])
+
+
+def test_a_detector_that_is_not_torchscript_is_a_usage_error_before_sampling(runs, tmp_path):
+    garbage = tmp_path / "inception.pt"
+    garbage.write_text("not a TorchScript archive")
+    with pytest.raises(UsageError, match="not a TorchScript file"):
+        sample.main(["--ckpt", str(runs / "emd"), "--fid", "--detector", str(garbage), "--ref-data", "synthetic"])
