@@ -50,9 +50,12 @@ def check_ranges(values, positive=(), nonnegative=(), unit=()):
 
 
 def check_device(device, gpus):
-    """--device cuda needs CUDA; --gpus N on CUDA needs N visible devices."""
+    """--device cuda needs CUDA; --gpus N on CUDA needs N visible devices; torchrun starts the processes itself."""
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    check_flags([(device == "cuda" and not visible, "--device cuda, but no CUDA device is visible; use --device cpu"),
+    check_flags([("RANK" in os.environ and "WORLD_SIZE" in os.environ and gpus != 1,
+                  f"--gpus {gpus} under torchrun, which starts the processes itself: drop --gpus and use "
+                  f"torchrun's --nproc_per_node"),
+                 (device == "cuda" and not visible, "--device cuda, but no CUDA device is visible; use --device cpu"),
                  (device != "cpu" and gpus > 1 and visible < gpus,
                   f"--gpus {gpus}, but {visible} CUDA devices are visible (--device cpu runs CPU processes)")])
 

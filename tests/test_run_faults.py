@@ -208,3 +208,11 @@ def test_a_user_mistake_inside_spawned_processes_is_one_line_and_exit_2(capfd):
     err = capfd.readouterr().err
     assert exit_.value.code == 2
     assert "error (rank 0): --flag is not right here" in err and "Traceback" not in err, err
+
+
+def test_gpus_under_torchrun_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(checkpoint.UsageError, match="--gpus 2 under torchrun, which starts the processes itself"):
+        ti.main(["--data", "synthetic", "--device", "cpu", "--gpus", "2", "--batch", "16", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
