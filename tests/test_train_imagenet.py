@@ -165,6 +165,15 @@ def test_two_processes_and_accumulation_match_one_process(runs, tmp_path):
                                                                        rel=1e-5)
 
 
+def _backward(loss):
+    """loss.backward(), but a loss cut off from the network (an exercise's stub) fails with what is wrong
+    with the objective, as tests/test_losses.py does, not with autograd's internal error."""
+    if not loss.requires_grad:
+        raise AssertionError("your loss has no gradient with respect to the network: it must contain "
+                             "F_theta = net(x_t, t, s) with its graph (only the target is stop-gradient)")
+    loss.backward()
+
+
 def _ddp_gradients(rank, world_size, port, path):
     """One process of a gloo group: EMD and LMD gradients through DDP on this rank's half of the data."""
     os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
@@ -176,7 +185,7 @@ def _ddp_gradients(rank, world_size, port, path):
     for loss_fn in (losses.emd_loss, losses.lmd_loss):
         student.zero_grad()
         x_t, t, s, label, lam = (d[rank::world_size] for d in data)
-        loss_fn(ddp, velocity, x_t, t, s, label=label, lam=lam).mean().backward()
+        _backward(loss_fn(ddp, velocity, x_t, t, s, label=label, lam=lam).mean())
         grad = torch.cat([p.grad.flatten() for p in student.parameters()])
         gathered = [torch.empty_like(grad) for _ in range(world_size)]
         dist.all_gather(gathered, grad)
@@ -226,8 +235,8 @@ def test_ddp_gradients_are_synchronized_and_equal_the_full_batch_gradient(tmp_pa
 
         def grad_of(rows):
             student.zero_grad()
-            loss_fn(student, velocity, *(d[rows] for d in data[:3]), label=data[3][rows],
-                    lam=data[4][rows]).mean().backward()
+            _backward(loss_fn(student, velocity, *(d[rows] for d in data[:3]), label=data[3][rows],
+                              lam=data[4][rows]).mean())
             return torch.cat([p.grad.flatten() for p in student.parameters()])
 
         full, half = grad_of(slice(None)), grad_of(slice(0, None, 2))
