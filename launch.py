@@ -7,7 +7,8 @@ the cores), and under torchrun they are found from RANK, WORLD_SIZE and LOCAL_RA
     split_batch, rank0_first, no_sync,    the training loop's multi-process pieces: this rank's rows of the
     mean_over_ranks, stop_requests        global batch, ordering, gradient all-reduce, Ctrl-C / SIGTERM
     exit_worker()                         a worker's last call
-    peak_memory_gib, format_duration      the status line's memory and ETA
+    status_line                           train_imagenet.py's status line, with
+    peak_memory_gib, format_duration      its memory and ETA
 """
 import contextlib
 import os

@@ -426,13 +426,14 @@ def cached(args, name, config, build, train, retrain=None):
     otherwise train(net, g) and save it (unless it diverged)."""
     path = os.path.join(args.out, f"{name}.pt")
     net = build()
-    if not (args.retrain if retrain is None else retrain) and os.path.exists(path):
-        ckpt = torch.load(path, weights_only=True)
-        if ckpt["config"] == config and (name not in STUDENTS or "weight" in ckpt):
-            net.load_state_dict(ckpt["state"])
-            net.weight_state = ckpt.get("weight")
-            print(f"{name}: loaded {path}")
-            return net.eval()
+    retrain = args.retrain if retrain is None else retrain
+    ckpt = None if retrain else checkpoint_for(path, name, config)
+    if ckpt:
+        net.load_state_dict(ckpt["state"])
+        net.weight_state = ckpt.get("weight")
+        print(f"{name}: loaded {path}")
+        return net.eval()
+    if not retrain and os.path.exists(path):
         print(f"{name}: config changed since {path} was written (or it predates the cached weighting); retraining")
     g = torch.Generator().manual_seed(args.seed * 1000 + zlib.crc32(name.encode()) % 1000)
     t0 = time.time()
@@ -446,10 +447,12 @@ def cached(args, name, config, build, train, retrain=None):
     return net.eval()
 
 
-def up_to_date(args, name, config):
-    path = os.path.join(args.out, f"{name}.pt")
-    return (not args.retrain and os.path.exists(path)
-            and torch.load(path, weights_only=True)["config"] == config)
+def checkpoint_for(path, name, config):
+    """The checkpoint at path if it was trained with `config` (a student's with its weighting head), else None."""
+    if not os.path.exists(path):
+        return None
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt if ckpt["config"] == config and (name not in STUDENTS or "weight" in ckpt) else None
 
 
 def setup_teacher(args, size):
@@ -486,7 +489,8 @@ def setup_students(args, methods, distill_cfg, build, velocity):
     jobs = {m: functools.partial(cached, args, m, config, build,
                                  lambda n, g, m=m: train_flow_map(n, velocity, args, g, m, m))
             for m, config in configs.items()}
-    stale = [m for m, config in configs.items() if not up_to_date(args, m, config)]
+    stale = [m for m, config in configs.items()
+             if args.retrain or not checkpoint_for(os.path.join(args.out, f"{m}.pt"), m, config)]
     forked = args.jobs > 1 and len(stale) > 1
     if forked:
         run_in_processes([functools.partial(jobs[m], retrain=True) for m in stale], args.jobs)

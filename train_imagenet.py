@@ -259,9 +259,9 @@ def param_groups(net, weight, branch_lr_mult):
     """Adam's groups with their lr factors: the student's new s and lam branches (unet.STUDENT_ONLY) start at
     gain 0 and get branch_lr_mult, since at a distillation's lr (1% of the teacher's) a zero gain moves at most
     lr per step, too little in a short run (README, digits); the rest, and the weighting head, 1."""
-    new = [name.startswith(unet.STUDENT_ONLY) for name, _ in net.named_parameters()]
-    branch = [p for p, is_new in zip(net.parameters(), new) if is_new]
-    rest = [p for p, is_new in zip(net.parameters(), new) if not is_new] + (list(weight.parameters()) if weight else [])
+    branch = [p for name, p in net.named_parameters() if name.startswith(unet.STUDENT_ONLY)]
+    rest = [p for name, p in net.named_parameters() if not name.startswith(unet.STUDENT_ONLY)]
+    rest += list(weight.parameters()) if weight else []
     return [dict(params=rest, lr_mult=1.0), dict(params=branch, lr_mult=branch_lr_mult)]
 
 
@@ -275,6 +275,11 @@ def ema_beta(nimg, batch, cfg):
 def seed_of(*keys):
     """A 64-bit seed hashed from integers (numpy's SeedSequence), e.g. (seed, step)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
+
+
+def unconditional(velocity):
+    """CFG's weak model: the same velocity with the label dropped."""
+    return lambda x, t, label=None: velocity(x, t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,11 +319,6 @@ def divergence_probe(cfg, num_classes, device, n=4):
     if cfg["cond_lam"]:
         cond["lam"] = torch.tensor([cfg["lam_min"], cfg["lam_max"]] * (n // 2), device=device)
     return z, cond
-
-
-def unconditional(velocity):
-    """CFG's weak model: the same velocity with the label dropped."""
-    return lambda x, t, label=None: velocity(x, t)
 
 
 def teacher_velocity(teacher, guide, guidance):
