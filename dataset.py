@@ -2,8 +2,10 @@
 once and memory-mapped.
 
     ds = load_dataset(source, cache_dir=None, resolution=64, max_images=None, seed=0)
-    x, onehot = get_batch(ds, indices, device)                  # (B, 3, R, R) in [-1, 1], (B, K)
+    x, onehot = get_batch(ds, indices, device)                  # (B, C, R, R) in [-1, 1], (B, K)
     indices = batch_indices(step, global_batch, len(ds), seed)  # the same on every rank
+
+Every other source holds RGB images, C = 3 channels; idx files hold grayscale, C = 1 (ds.channels).
 
 Sources:
     an ImageNet train folder   one sub-folder per class (wnid), image files at any depth below it;
@@ -17,20 +19,22 @@ Sources:
                                .gz), or the images file itself (its labels file lies beside it); the
                                H x W grayscale images (28 x 28 for MNIST) are zero-padded to R x R,
                                centered (2 px a side at R = 32: exact pixels, no resampling, so a digit
-                               keeps its strokes), and the gray value is copied to all 3 channels, so
-                               that every model, loss and metric sees the same (R, R, 3) images as
-                               for ImageNet; labels as stored (0-based), class names '0', '1', ...
+                               keeps its strokes), stored as ONE channel, (R, R, 1): with the gray
+                               value copied to 3 channels a generator could drift in color directions
+                               no real image occupies (README); labels as stored (0-based), class
+                               names '0', '1', ...
     "synthetic"                512 generated images of 10 classes, in memory, for tests and CPU runs
 
 A folder, npz or idx source is converted once into a cache folder, by default beside the source
 (`/data/imagenet/train` -> `/data/imagenet/train-cache-64`; beside rather than inside, so the cache is
 never mistaken for a class folder):
 
-    images.npy      (M, R, R, 3) uint8   memory-mapped by every later run, nothing is decoded again;
+    images.npy      (M, R, R, C) uint8   memory-mapped by every later run, nothing is decoded again;
                                          the first N rows are the images (M > N if some files failed)
     labels.npy      (N,) int64           0-based class indices
-    dataset.json    {"class_names", "source", "skipped", "manifest"}, written last: it marks the cache
-                    complete. The manifest summarizes the source files (per class folder or batch file:
+    dataset.json    {"class_names", "source", "skipped", "channels", "manifest"}, written last: it marks
+                    the cache complete. A cache of another channel count than its source's kind stores
+                    (one built before idx data became 1 channel; no "channels" means 3) is rebuilt. The manifest summarizes the source files (per class folder or batch file:
                     count, bytes, a digest of names and sizes, one of modification times); every load
                     rescans the source (stat only, no decoding) and refuses a cache whose source changed.
     .lock           held (flock) by a process building the cache, shared by those loading it
@@ -89,7 +93,7 @@ class DataError(ValueError):
 @dataclass(repr=False)
 class ImageDataset:
     """Images and labels as numpy arrays; for a cached source `images` is a read-only memmap."""
-    images:         np.ndarray  # (N, R, R, 3) uint8
+    images:         np.ndarray  # (N, R, R, C) uint8, C = 1 (idx) or 3
     labels:         np.ndarray  # (N,) int64, 0-based
     class_names:    list        # wnids for an ImageNet folder, 'class0', 'class1', ... otherwise
 
@@ -97,12 +101,16 @@ class ImageDataset:
     def num_classes(self):
         return len(self.class_names)
 
+    @property
+    def channels(self):
+        return self.images.shape[-1]
+
     def __len__(self):
         return len(self.images)
 
     def __repr__(self):
-        N, H, W, _ = self.images.shape
-        return f"ImageDataset({N} images of {H}x{W}, {self.num_classes} classes)"
+        N, H, W, C = self.images.shape
+        return f"ImageDataset({N} images of {H}x{W}x{C}, {self.num_classes} classes)"
 
 
 def load_dataset(source, cache_dir=None, resolution=64, max_images=None, seed=0, rebuild_cache=False):
@@ -138,8 +146,8 @@ def get_batch(ds, indices, device):
     the device before conversion, a quarter of the bytes of float32.
     """
     indices = np.asarray(indices, dtype=np.int64)
-    x = torch.from_numpy(ds.images[indices]).to(device)                 # (B, H, W, 3) uint8
-    x = x.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1          # (B, 3, H, W) in [-1, 1]
+    x = torch.from_numpy(ds.images[indices]).to(device)                 # (B, H, W, C) uint8
+    x = x.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1          # (B, C, H, W) in [-1, 1]
     labels = torch.from_numpy(ds.labels[indices]).to(device)            # (B,) int64
     onehot = nnf.one_hot(labels, ds.num_classes).float()                # (B, K)
     return x, onehot
@@ -239,6 +247,11 @@ class SourceScan:
     labels:      list = None    # per file, 0-based (image sources only)
     extra:       list = field(default_factory=list)     # (group, Path) the labels come from
     notes:       list = field(default_factory=list)     # warnings to give when the cache is built
+
+    @property
+    def channels(self):
+        """What the cache stores per pixel: 1 for grayscale idx images, 3 (RGB) for everything else."""
+        return 1 if self.kind == "idx" else 3
 
 
 def _scan_source(source):
@@ -441,13 +454,22 @@ def _cached_dataset(source, cache_dir, resolution, rebuild):
             f"--rebuild-cache` or delete {cache_dir}")
     if complete.exists() and not rebuild:
         with _cache_lock(cache_dir, exclusive=False):
-            if complete.exists():
+            if _has_layout(cache_dir, scan.channels):
                 return _load_cache(cache_dir, resolution, manifest, hint)
     with _cache_lock(cache_dir, exclusive=True):
-        if complete.exists() and not rebuild:                       # built by another process meanwhile
+        if _has_layout(cache_dir, scan.channels) and not rebuild:  # built by another process meanwhile
             return _load_cache(cache_dir, resolution, manifest, hint)
+        if complete.exists() and not rebuild:
+            warnings.warn(f"rebuilding the cache {cache_dir}: it stores {_read_meta(cache_dir).get('channels', 3)} "
+                          f"channels per pixel, this version {scan.channels} for {scan.kind} data")
         _build_cache(source, cache_dir, resolution, scan, manifest)
         return _load_cache(cache_dir, resolution)
+
+
+def _has_layout(cache_dir, channels):
+    """Whether cache_dir holds a complete cache of `channels` per pixel (caches that predate the
+    "channels" key store 3, which an idx source no longer gets)."""
+    return (cache_dir / "dataset.json").exists() and _read_meta(cache_dir).get("channels", 3) == channels
 
 
 @contextlib.contextmanager
@@ -498,7 +520,8 @@ def _build_cache(source, cache_dir, resolution, scan, manifest):
         with open(labels_tmp, "wb") as file:
             np.save(file, labels)
         class_names = scan.class_names or [str(k) for k in range(labels.max() + 1)]
-        meta = {"class_names": class_names, "source": str(source), "skipped": skipped, "manifest": manifest}
+        meta = {"class_names": class_names, "source": str(source), "skipped": skipped, "channels": scan.channels,
+                "manifest": manifest}
         meta_tmp.write_text(json.dumps(meta, indent=1))
         os.replace(images_tmp, cache_dir / "images.npy")
         os.replace(labels_tmp, cache_dir / "labels.npy")
@@ -518,7 +541,7 @@ def _load_cache(cache_dir, resolution, manifest=None, rebuild_hint=None):
     source's manifest now, that the source has not changed since the cache was built."""
     meta = _read_meta(cache_dir)
     try:
-        images = np.load(cache_dir / "images.npy", mmap_mode="r")      # (M, R, R, 3) uint8, not read
+        images = np.load(cache_dir / "images.npy", mmap_mode="r")      # (M, R, R, C) uint8, not read
         labels = np.load(cache_dir / "labels.npy")                      # (N,) int64, N <= M
     except (OSError, ValueError) as error:
         raise DataError(f"the cache in {cache_dir} is unreadable ({type(error).__name__}: {error}); "
@@ -529,9 +552,10 @@ def _load_cache(cache_dir, resolution, manifest=None, rebuild_hint=None):
         else:
             warnings.warn(f"the cache {cache_dir} has no manifest (built by an older version), so a change of "
                           f"its source goes unnoticed; {rebuild_hint}")
-    if images.dtype != np.uint8 or images.shape[1:] != (resolution, resolution, 3):
+    C = meta.get("channels", 3)
+    if images.dtype != np.uint8 or images.shape[1:] != (resolution, resolution, C):
         raise DataError(f"the cache in {cache_dir} holds {images.dtype} images of shape {images.shape[1:]}, "
-                        f"not uint8 ({resolution}, {resolution}, 3) for resolution={resolution}; "
+                        f"not uint8 ({resolution}, {resolution}, {C}) for resolution={resolution}; "
                         f"pass another cache_dir or delete this one to rebuild it")
     if labels.ndim != 1 or not 0 < len(labels) <= len(images) or labels.min() < 0 \
             or labels.max() >= len(meta["class_names"]):
@@ -579,17 +603,17 @@ def _convert_images(files, file_labels, images_tmp, resolution):
     return np.array(labels, dtype=np.int64), skipped
 
 
-def _create_images(path, num_images, resolution):
-    """A new (num_images, R, R, 3) uint8 .npy file, memory-mapped for writing, its disk blocks
+def _create_images(path, num_images, resolution, channels=3):
+    """A new (num_images, R, R, C) uint8 .npy file, memory-mapped for writing, its disk blocks
     allocated up front: writing into a memory map on a full disk kills the process with SIGBUS,
     whereas a failed allocation is an ordinary error with a message."""
-    need = num_images * resolution * resolution * 3
+    need = num_images * resolution * resolution * channels
     free = shutil.disk_usage(path.parent).free
     if need > free:
         raise DataError(f"no space left: need {_size(need)} at {path.parent}, have {_size(free)}; free some space "
                         f"or pass --cache-dir on another disk")
     images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                                       shape=(num_images, resolution, resolution, 3))
+                                       shape=(num_images, resolution, resolution, channels))
     with open(path, "r+b") as file:
         try:
             os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
@@ -686,8 +710,8 @@ def _find_idx_files(source):
 
 
 def _convert_idx(images_path, labels_path, images_tmp, resolution):
-    """Grayscale idx images (N, H, W), zero-padded to (N, R, R) and copied to 3 channels, into
-    images_tmp; returns labels (N,) int64. Padding keeps the pixels exact (no resampling)."""
+    """Grayscale idx images (N, H, W), zero-padded to (N, R, R, 1), into images_tmp; returns labels
+    (N,) int64. Padding keeps the pixels exact (no resampling)."""
     gray, labels = read_idx(images_path), read_idx(labels_path).astype(np.int64)
     if gray.ndim != 3 or labels.shape != (len(gray),):
         raise DataError(f"{images_path} holds shape {gray.shape} and {labels_path} {labels.shape}; "
@@ -698,8 +722,8 @@ def _convert_idx(images_path, labels_path, images_tmp, resolution):
         raise DataError(f"{images_path}: {H}x{W} images are zero-padded to the resolution, which must "
                          f"exceed each side by an even number of pixels (e.g. --resolution 32 for 28x28)")
     padded = np.pad(gray, ((0, 0), (pad_h // 2, pad_h // 2), (pad_w // 2, pad_w // 2)))    # (N, R, R)
-    images = _create_images(images_tmp, len(gray), resolution)
-    images[:] = padded[..., None]                                       # (N, R, R, 3), gray in every channel
+    images = _create_images(images_tmp, len(gray), resolution, channels=1)
+    images[:] = padded[..., None]                                       # (N, R, R, 1)
     images.flush()
     return labels
 

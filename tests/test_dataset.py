@@ -3,6 +3,7 @@
 Every test writes its own small data under tmp_path; nothing is downloaded.
 """
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -254,7 +255,7 @@ def test_get_batch():
     ds = load_dataset("synthetic", max_images=64)
     indices = batch_indices(0, 16, len(ds), seed=0)
     x, onehot = get_batch(ds, indices, "cpu")
-    assert x.shape == (16, 3, 64, 64) and x.dtype == torch.float32 and x.is_contiguous()
+    assert ds.channels == 3 and x.shape == (16, 3, 64, 64) and x.dtype == torch.float32 and x.is_contiguous()
     assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.9 and x.max() > 0.9
     expected = torch.from_numpy(ds.images[indices].astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
     torch.testing.assert_close(x, expected)
@@ -288,16 +289,34 @@ def test_idx_folder(tmp_path, gz):
     write_idx(source / f"t10k-labels-idx1-ubyte{suffix}", labels, gz)
 
     ds = load_dataset(source, resolution=32)
-    assert ds.images.shape == (5, 32, 32, 3) and ds.num_classes == labels.max() + 1
+    assert ds.images.shape == (5, 32, 32, 1) and ds.channels == 1 and ds.num_classes == labels.max() + 1
     assert ds.class_names[:3] == ["0", "1", "2"] and ds.labels.tolist() == labels.tolist()
-    for c in range(3):                                                     # the same gray in every channel
-        np.testing.assert_array_equal(ds.images[:, 2:30, 2:30, c], gray)   # exact pixels, 2 px from each side
+    np.testing.assert_array_equal(ds.images[:, 2:30, 2:30, 0], gray)       # exact pixels, 2 px from each side
     border = np.ones((32, 32), dtype=bool)
     border[2:30, 2:30] = False
     assert (ds.images[:, border] == 0).all()
     x, onehot = get_batch(ds, [0], "cpu")
-    assert x[0, :, 0, 0].tolist() == [-1.0, -1.0, -1.0]                     # zero padding is black, -1
-    assert (tmp_path / "mnist-cache-32" / "dataset.json").exists()
+    assert x.shape == (1, 1, 32, 32) and x[0, :, 0, 0].tolist() == [-1.0]   # zero padding is black, -1
+    assert json.loads((tmp_path / "mnist-cache-32" / "dataset.json").read_text())["channels"] == 1
+
+
+def test_idx_cache_of_three_channels_is_rebuilt(tmp_path):
+    """A cache written when idx gray was copied to 3 channels (no "channels" in dataset.json) is not
+    reused as it is: it is rebuilt as 1 channel, with a warning."""
+    gray, labels = make_digits(3)
+    write_idx(tmp_path / "a-images-idx3-ubyte", gray, gz=False)
+    write_idx(tmp_path / "a-labels-idx1-ubyte", labels, gz=False)
+    cache = tmp_path / "cache"
+    load_dataset(tmp_path / "a-images-idx3-ubyte", cache_dir=cache, resolution=28)
+    np.save(cache / "images.npy", np.repeat(gray[..., None], 3, axis=-1))          # (N, 28, 28, 3): the old layout
+    meta = json.loads((cache / "dataset.json").read_text())
+    del meta["channels"]
+    (cache / "dataset.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="rebuilding the cache .* stores 3 channels per pixel, this version 1"):
+        ds = load_dataset(tmp_path / "a-images-idx3-ubyte", cache_dir=cache, resolution=28)
+    assert ds.images.shape == (3, 28, 28, 1)
+    np.testing.assert_array_equal(ds.images[..., 0], gray)
+    assert json.loads((cache / "dataset.json").read_text())["channels"] == 1
 
 
 def test_idx_images_file_and_gzip_by_content(tmp_path):
@@ -306,7 +325,7 @@ def test_idx_images_file_and_gzip_by_content(tmp_path):
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels, gz=False)
     write_idx(tmp_path / "t10k-images-idx3-ubyte", gray[:1], gz=False)    # another set beside it
     ds = load_dataset(tmp_path / "train-images-idx3-ubyte", cache_dir=tmp_path / "cache", resolution=28)
-    np.testing.assert_array_equal(ds.images[..., 1], gray)                 # resolution 28: no padding
+    np.testing.assert_array_equal(ds.images[..., 0], gray)                 # resolution 28: no padding
     with pytest.raises(ValueError, match="several idx image sets"):
         load_dataset(tmp_path, cache_dir=tmp_path / "cache2", resolution=32)
 
