@@ -60,7 +60,7 @@ class DiscriminatorHead(torch.nn.Module):
 def discriminator(head, encoder, x, t, eps, label):
     """D(x): the image noised to t_D, x_tD = (1 - t_D) x + t_D eps, through the frozen encoder (its
     parameters take no gradient; x does) and the trainable head. Scores (N,)."""
-    x_t = torch.lerp(x, eps, bcast(t, x))                                   # (N, 3, R, R)
+    x_t = torch.lerp(x, eps, bcast(t, x))                                   # (N, C, R, R)
     return head(encoder.features(x_t, t, label=label), label)
 
 
@@ -84,7 +84,7 @@ def rpgan_g_objective(net, D, real, z, u, d_cond, t_max=1.0, **cond):
     """The generator's adversarial term (docs/method.md §7): RpGAN softplus(D(real) - D(fake)), with
     fake = a few-step sample from noise z at the row's cond, paired with the real image of the same
     label; D at the pair's noise level and noise d_cond. Returns (per-sample loss (N,), fake)."""
-    fake = few_step_samples(net, z, u, t_max, **cond)                       # (N, 3, R, R)
+    fake = few_step_samples(net, z, u, t_max, **cond)                       # (N, C, R, R)
     return rpgan_g_loss(D(real, **d_cond), D(fake, **d_cond)), fake
 
 

@@ -185,11 +185,18 @@ def read_config(path):
     return load_checked(snapshot_file(path))["config"]
 
 
+def img_channels(config):
+    """The image channels C of a config's network: 1 for gray idx data, else 3. Configs written before
+    gray data became 1 channel (and EDM2's) have no img_channels key: they are RGB."""
+    return config.get("img_channels", 3)
+
+
 def build_network(config):
-    """The U-Net that a config describes (the preset's architecture, resolution, classes, inputs)."""
-    return unet.UNet(img_resolution=config["resolution"], num_classes=config["num_classes"],
-                     cond_s=config["cond_s"], cond_lam=config["cond_lam"], dropout=config["dropout"],
-                     numerics=config.get("numerics", "ayf"), **unet.PRESETS[config["preset"]])
+    """The U-Net that a config describes (the preset's architecture, resolution, channels, classes, inputs)."""
+    return unet.UNet(img_resolution=config["resolution"], img_channels=img_channels(config),
+                     num_classes=config["num_classes"], cond_s=config["cond_s"], cond_lam=config["cond_lam"],
+                     dropout=config["dropout"], numerics=config.get("numerics", "ayf"),
+                     **unet.PRESETS[config["preset"]])
 
 
 def load_snapshot(path, device="cpu"):
@@ -278,7 +285,8 @@ def resolve_from_checkpoints(cfg):
 # NETWORK's changes always (the saved tensors would not fit).
 MAY_CHANGE = ("kimg", "out", "device", "gpus", "batch_gpu", "status_kimg", "snapshot_kimg", "cache_dir",
               "dry_run", "force_resume", "forced_changes")
-NETWORK = ("stage", "preset", "resolution", "guidance", "weighting", "num_classes", "cond_s", "cond_lam", "numerics")
+NETWORK = ("stage", "preset", "resolution", "img_channels", "guidance", "weighting", "num_classes", "cond_s",
+           "cond_lam", "numerics")
 PATHS = ("data", "teacher", "guide", "init")
 
 
@@ -388,7 +396,7 @@ def checkpoint_bytes(*modules):
 
 
 def data_fingerprint(images):
-    """sha256 (16 hex digits) of the image count and 64 images spread over the data set (N, R, R, 3)."""
+    """sha256 (16 hex digits) of the image count and 64 images spread over the data set (N, R, R, C)."""
     h = hashlib.sha256(str(images.shape).encode())
     for i in sorted(set(range(0, len(images), max(1, len(images) // 64)))):
         h.update(images[i].tobytes())

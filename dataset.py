@@ -33,10 +33,11 @@ never mistaken for a class folder):
                                          the first N rows are the images (M > N if some files failed)
     labels.npy      (N,) int64           0-based class indices
     dataset.json    {"class_names", "source", "skipped", "channels", "manifest"}, written last: it marks
-                    the cache complete. A cache of another channel count than its source's kind stores
-                    (one built before idx data became 1 channel; no "channels" means 3) is rebuilt. The manifest summarizes the source files (per class folder or batch file:
-                    count, bytes, a digest of names and sizes, one of modification times); every load
-                    rescans the source (stat only, no decoding) and refuses a cache whose source changed.
+                    the cache complete. The manifest summarizes the source files (per class folder or
+                    batch file: count, bytes, a digest of names and sizes, one of modification times);
+                    every load rescans the source (stat only, no decoding) and refuses a cache whose
+                    source changed. A cache with another channel count than its source's kind gets (an
+                    idx cache from before gray became 1 channel; no "channels" means 3) is rebuilt.
     .lock           held (flock) by a process building the cache, shared by those loading it
 
 The data is never silently wrong: a user's mistake raises DataError, a one-line message naming the

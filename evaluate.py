@@ -7,7 +7,7 @@ same labelled data supplies the feature space (docs/method.md §11 for why FID n
 RUN is a train_imagenet.py run folder or its snapshot.pt; SRC any labelled dataset.py source (a class
 folder, npz batches, 'synthetic', ...). The classifier (--classifier, default DIR/classifier.pt) is
 trained once on SRC if the file is missing, with a held-out split whose accuracy it stores; a
-classifier of another dataset, resolution or class count is refused.
+classifier of another dataset, resolution, channel count or class count is refused.
 
 Metrics, for every run at every step count and guidance strength lam (--lams, default 1,2):
     FD           Frechet distance between Gaussians fitted to the classifier's penultimate features
@@ -67,11 +67,11 @@ class Classifier(torch.nn.Module):
     to the features (N, 4 width) and one to the logits (N, K). Flattening rather than pooling keeps
     where strokes are, which tells digits apart. About 3.5 M multiply-adds per 32x32 image at width 16."""
 
-    def __init__(self, num_classes, resolution, width=16):
+    def __init__(self, num_classes, resolution, width=16, in_channels=3):
         super().__init__()
         w = width
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, w, 3, padding=1), torch.nn.ReLU(),                        # (N, w, R, R)
+            torch.nn.Conv2d(in_channels, w, 3, padding=1), torch.nn.ReLU(),              # (N, w, R, R)
             torch.nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), torch.nn.ReLU(),          # (N, 2w, R/2, R/2)
             torch.nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), torch.nn.ReLU(),      # (N, 4w, R/4, R/4)
             torch.nn.Conv2d(4 * w, 4 * w, 3, stride=2, padding=1), torch.nn.ReLU(),      # (N, 4w, R/8, R/8)
@@ -80,7 +80,7 @@ class Classifier(torch.nn.Module):
         self.head = torch.nn.Linear(4 * w, num_classes)
 
     def features(self, x):
-        """Penultimate features (N, 4 width) of images (N, 3, R, R) in [-1, 1]."""
+        """Penultimate features (N, 4 width) of images (N, C, R, R) in [-1, 1]."""
         return self.body(x)
 
     def forward(self, x):
@@ -88,14 +88,14 @@ class Classifier(torch.nn.Module):
 
 
 def to_input(images, device):
-    """uint8 images (N, R, R, 3), numpy or torch -> float (N, 3, R, R) in [-1, 1], as dataset.get_batch."""
+    """uint8 images (N, R, R, C), numpy or torch -> float (N, C, R, R) in [-1, 1], as dataset.get_batch."""
     x = torch.as_tensor(np.asarray(images)).to(device)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @torch.no_grad()
 def classify(clf, images, batch=500, device="cpu"):
-    """(features (N, D) float64 numpy, predicted labels (N,) int64 numpy) of uint8 images (N, R, R, 3)."""
+    """(features (N, D) float64 numpy, predicted labels (N,) int64 numpy) of uint8 images (N, R, R, C)."""
     feats, preds = [], []
     for i in range(0, len(images), batch):
         f = clf.features(to_input(images[i:i + batch], device))        # (n, D)
@@ -122,7 +122,7 @@ def train_classifier(ds, kimg, batch=128, lr=2e-3, heldout=0.1, width=16, device
     if len(train_idx) < 1:
         raise ValueError(f"the data has {len(ds)} images: too few to train a classifier and hold some out")
     torch.manual_seed(seed)
-    clf = Classifier(ds.num_classes, ds.images.shape[1], width).to(device)
+    clf = Classifier(ds.num_classes, ds.images.shape[1], width, ds.channels).to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     iters = max(1, math.ceil(kimg * 1000 / batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
@@ -146,7 +146,8 @@ def data_id(source):
 
 
 def check_classifier(info, want, path):
-    """A classifier trained on other data, resolution or classes would give meaningless features."""
+    """A classifier trained on other data, resolution, channels or classes would give meaningless features."""
+    info = {"channels": 3, **info}                                     # saved before gray data had 1 channel
     differ = [f"{k} {info[k]!r} there, {v!r} here" for k, v in want.items() if info[k] != v]
     if differ:
         raise ValueError(f"--classifier {path} was trained on other data ({'; '.join(differ)}); "
@@ -159,11 +160,11 @@ def load_or_train_classifier(path, source, ds, resolution, kimg, device):
     Returns (classifier, its record: data, resolution, classes, held-out accuracy and split sizes).
     """
     path = Path(path)
-    want = dict(data=data_id(source), resolution=resolution, num_classes=ds.num_classes)
+    want = dict(data=data_id(source), resolution=resolution, channels=ds.channels, num_classes=ds.num_classes)
     if path.exists():
         saved = torch.load(path, map_location=device, weights_only=True)
         check_classifier(saved["info"], want, path)
-        clf = Classifier(saved["info"]["num_classes"], resolution, saved["info"]["width"]).to(device)
+        clf = Classifier(saved["info"]["num_classes"], resolution, saved["info"]["width"], ds.channels).to(device)
         clf.load_state_dict(saved["state_dict"])
         return clf.eval().requires_grad_(False), saved["info"]
     clf, accuracy = train_classifier(ds, kimg, device=device)
@@ -185,7 +186,7 @@ def conditional_accuracy(predicted, labels):
 
 
 def distillation_error(images, reference):
-    """Mean absolute per-pixel difference of uint8 images (N, R, R, 3) in [-1, 1] units (1 level = 2/255)."""
+    """Mean absolute per-pixel difference of uint8 images (N, R, R, C) in [-1, 1] units (1 level = 2/255)."""
     if images.shape != reference.shape:
         raise ValueError(f"distillation_error: shapes differ, {images.shape} vs {reference.shape}")
     return float(np.abs(images.astype(np.int64) - reference.astype(np.int64)).mean() / 127.5)
@@ -280,11 +281,14 @@ def check_inputs(args):
 
 
 def load_data(args, teacher):
-    """The dataset at the teacher's resolution; its class count must be the teacher's."""
+    """The dataset at the teacher's resolution; its class and channel counts must be the teacher's."""
     ds = load_dataset(args.data, cache_dir=args.cache_dir, resolution=teacher["resolution"])
     if ds.num_classes != teacher["num_classes"]:
         raise ValueError(f"--data {args.data} has {ds.num_classes} classes, but --teacher was trained on "
                          f"{teacher['num_classes']}: pass the data the runs were trained on")
+    if ds.channels != ti.img_channels(teacher):
+        raise ValueError(f"--data {args.data} has {ds.channels}-channel images, but --teacher was trained on "
+                         f"{ti.img_channels(teacher)}-channel ones: retrain the runs on this data")
     return ds
 
 
@@ -333,7 +337,7 @@ def prepare(args):
     if args.classifier.exists():
         info = torch.load(args.classifier, map_location="cpu", weights_only=True)["info"]
         check_classifier(info, dict(data=data_id(args.data), resolution=teacher_cfg["resolution"],
-                                    num_classes=ds.num_classes), args.classifier)
+                                    channels=ds.channels, num_classes=ds.num_classes), args.classifier)
     return teacher_cfg, runs, ds
 
 
@@ -409,8 +413,10 @@ def evaluate(args, teacher_cfg, runs, ds):
 # The figure.
 
 def grid_image(images):
-    """uint8 images (n, R, R, 3) -> one (rows R, cols R, 3) array, ceil(sqrt(n)) columns."""
+    """uint8 images (n, R, R, C) -> one RGB (rows R, cols R, 3) array, ceil(sqrt(n)) columns; gray (C = 1)
+    is copied to 3 channels, because imshow would paint a single channel with a color map."""
     n, R = len(images), images.shape[1]
+    images = np.broadcast_to(images, (*images.shape[:3], 3))            # (n, R, R, 3)
     cols = math.ceil(math.sqrt(n))
     cells = np.zeros((math.ceil(n / cols) * cols, R, R, 3), dtype=np.uint8)
     cells[:n] = images

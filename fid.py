@@ -1,7 +1,7 @@
 """FID and precision/recall of generated images, from Inception-v3 pool features.
 
     detector  = load_detector("inception-2015-12-05.pt", device)
-    feats     = compute_features(detector, images)        # images: uint8 (N, H, W, 3), or batches of them
+    feats     = compute_features(detector, images)        # images: uint8 (N, H, W, C), or batches of them
     mu, sigma = feature_stats(feats)
     fid       = frechet_distance(mu, sigma, *load_reference("imagenet-64x64.npz"))
 
@@ -44,21 +44,22 @@ def load_detector(path, device="cpu"):
 
 
 def check_images(x):
-    """Raise a clear error unless x is a uint8 image batch (N, H, W, 3)."""
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+    """Raise a clear error unless x is a uint8 image batch (N, H, W, C), C = 3 (RGB) or 1 (gray)."""
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise ValueError(
-            f"expected uint8 images (N, H, W, 3) in [0, 255], got dtype {x.dtype} shape {tuple(x.shape)}; "
-            f"convert images in [-1, 1] with (x * 127.5 + 128).clamp(0, 255).to(torch.uint8) and "
-            f"channels-first ones with x.permute(0, 2, 3, 1)")
+            f"expected uint8 images (N, H, W, 3), or (N, H, W, 1) gray, in [0, 255], got dtype {x.dtype} shape "
+            f"{tuple(x.shape)}; convert images in [-1, 1] with (x * 127.5 + 128).clamp(0, 255).to(torch.uint8) "
+            f"and channels-first ones with x.permute(0, 2, 3, 1)")
 
 
 @torch.no_grad()
 def compute_features(detector, images, batch=250, device="cpu", progress=True):
     """Detector features of uint8 images, float64 (N, D).
 
-    `images` is one uint8 array (N, H, W, 3), numpy or torch, or an iterable of such arrays (e.g. a
+    `images` is one uint8 array (N, H, W, C), numpy or torch, or an iterable of such arrays (e.g. a
     generator that samples batches on the fly). Arrays longer than `batch` are split, so the result
-    does not depend on how the images were batched.
+    does not depend on how the images were batched. Inception takes RGB: a gray image (C = 1) enters
+    with its gray value in all 3 channels, which is how an RGB file shows it.
     """
     if isinstance(images, (np.ndarray, torch.Tensor)):
         chunks, total = [images], len(images)
@@ -70,7 +71,8 @@ def compute_features(detector, images, batch=250, device="cpu", progress=True):
             chunk = torch.as_tensor(chunk)
             check_images(chunk)
             for i in range(0, len(chunk), batch):
-                x = chunk[i:i + batch].to(device).permute(0, 3, 1, 2)   # (n, 3, H, W) uint8
+                x = chunk[i:i + batch].to(device).permute(0, 3, 1, 2)   # (n, C, H, W) uint8
+                x = x.expand(-1, 3, -1, -1)                             # (n, 3, H, W), gray copied (C = 1)
                 feats.append(detector(x, return_features=True).to(torch.float64).cpu())
                 bar.update(len(x))
     if not feats:

@@ -25,7 +25,8 @@ number of processes. Its noise z, its random class and every re-noising draw com
 from its own torch.Generator().manual_seed(seed) on the CPU, and move to the device afterwards.
 
 Outputs: --grid PNG, --outdir with one PNG per seed (seed000042.png), --out npz in the layout of the
-ADM / EDM FID tools (uint8 (N, H, W, 3) under 'arr_0', class indices under 'labels'). With several
+ADM / EDM FID tools (uint8 (N, H, W, C) under 'arr_0', class indices under 'labels'; C = 1 for a run
+trained on gray idx digits, whose PNGs are 8-bit grayscale). With several
 step counts each output gets a '-<N>steps' suffix. --fid prints FID per step count against --ref
 (mu, sigma) or --ref-data (real images, which add precision and recall); --bench prints images per
 second per step count, and the speed-up over the teacher's ODE with --teacher. Nothing is downloaded.
@@ -85,7 +86,7 @@ def parse_args(argv=None):
     # Outputs.
     add("--grid",          default=None,              help="PNG with all images in a square-ish grid")
     add("--outdir",        default=None,              help="folder for one PNG per seed")
-    add("--out",           default=None,              help="npz: uint8 (N, H, W, 3) 'arr_0' and 'labels'")
+    add("--out",           default=None,              help="npz: uint8 (N, H, W, C) 'arr_0' and 'labels'")
     # FID.
     add("--fid",           action="store_true",       help="FID of the seeds' images at each step count")
     add("--detector",      default=None,              help="Inception TorchScript file (inception-2015-12-05.pt)")
@@ -199,10 +200,13 @@ def check_same_kind(config, other, what):
     for key in ("resolution", "num_classes"):
         if other[key] != config[key]:
             raise UsageError(f"{what} has {key} {other[key]}, but --ckpt has {config[key]}")
+    channels = ti.img_channels(other), ti.img_channels(config)
+    if channels[0] != channels[1]:
+        raise UsageError(f"{what} has {channels[0]} image channels, but --ckpt has {channels[1]}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers: sample(z, label, noise) -> x0, with z (N, 3, R, R), one-hot label (N, K), noise(x) -> eps.
+# Samplers: sample(z, label, noise) -> x0, with z (N, C, R, R), one-hot label (N, K), noise(x) -> eps.
 
 def flow_map_sampler(net, steps, gamma, lam, t_max=1.0):
     """Deterministic flow-map sampling, or gamma-sampling with re-noising from `noise`; NFE = steps.
@@ -240,15 +244,15 @@ def ode_sampler(net, steps, solver, weak=None, lam=1.0, t_max=1.0):
 # ----------------------------------------------------------------------------------------------
 # Per-seed inputs and generation.
 
-def seed_inputs(seeds, positions, classes, num_classes, resolution):
+def seed_inputs(seeds, positions, classes, num_classes, resolution, channels=3):
     """Noise, class and generators of the images at `positions` of the seed list, each from its own seed.
 
-    Returns z (n, 3, R, R), labels (n,) int64 and the n generators, which are left positioned for the
-    re-noising draws. The random class is drawn even with --classes, so z and the re-noising of a seed
-    do not depend on how its class was chosen.
+    Returns z (n, C, R, R) with C = channels, labels (n,) int64 and the n generators, which are left
+    positioned for the re-noising draws. The random class is drawn even with --classes, so z and the
+    re-noising of a seed do not depend on how its class was chosen.
     """
     gens = [torch.Generator().manual_seed(seeds[i]) for i in positions]
-    z = torch.stack([torch.randn(3, resolution, resolution, generator=g) for g in gens])  # (n, 3, R, R)
+    z = torch.stack([torch.randn(channels, resolution, resolution, generator=g) for g in gens])    # (n, C, R, R)
     labels = torch.stack([torch.randint(num_classes, (), generator=g) for g in gens])      # (n,)
     if classes:
         labels = torch.tensor([classes[i % len(classes)] for i in positions])             # (n,)
@@ -263,29 +267,30 @@ def seeded_noise(gens):
 
 
 def to_uint8(x):
-    """Images in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3)."""
+    """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C)."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def sample_seeds(sample, seeds, positions, classes, config, device):
-    """Images (n, 3, R, R) in [-1, 1] and labels (n,) of the seeds at `positions` of the list, in one batch."""
-    z, label, gens = seed_inputs(seeds, positions, classes, config["num_classes"], config["resolution"])
+    """Images (n, C, R, R) in [-1, 1] and labels (n,) of the seeds at `positions` of the list, in one batch."""
+    z, label, gens = seed_inputs(seeds, positions, classes, config["num_classes"], config["resolution"],
+                                 ti.img_channels(config))
     onehot = nnf.one_hot(label, config["num_classes"]).float()        # (n, K)
     return sample(z.to(device), onehot.to(device), seeded_noise(gens)), label
 
 
 def generate(sample, seeds, classes, config, batch, device, rank=0, world_size=1, desc="sampling"):
-    """Every seed's image and label, uint8 (N, R, R, 3) and int64 (N,) in seed order on rank 0.
+    """Every seed's image and label, uint8 (N, R, R, C) and int64 (N,) in seed order on rank 0.
 
     Rank r samples the seeds at positions r, r + world_size, ...; other ranks return (None, None).
     """
-    R = config["resolution"]
+    R, C = config["resolution"], ti.img_channels(config)
     mine = range(rank, len(seeds), world_size)                          # positions in the seed list
-    images = [torch.empty(0, R, R, 3, dtype=torch.uint8)]              # empty first parts: a rank may get
+    images = [torch.empty(0, R, R, C, dtype=torch.uint8)]              # empty first parts: a rank may get
     labels = [torch.empty(0, dtype=torch.int64)]                        # no seeds at all
     for start in tqdm(range(0, len(mine), batch), desc=desc, unit="batch", disable=rank != 0):
         x, label = sample_seeds(sample, seeds, mine[start:start + batch], classes, config, device)
-        images.append(to_uint8(x).cpu())                               # (n, R, R, 3)
+        images.append(to_uint8(x).cpu())                               # (n, R, R, C)
         labels.append(label)
     parts = [(torch.cat(images).numpy(), torch.cat(labels).numpy())]
     if world_size > 1:
@@ -294,7 +299,7 @@ def generate(sample, seeds, classes, config, batch, device, rank=0, world_size=1
         parts = gathered
     if rank != 0:
         return None, None
-    all_images = np.empty((len(seeds), R, R, 3), dtype=np.uint8)        # (N, R, R, 3)
+    all_images = np.empty((len(seeds), R, R, C), dtype=np.uint8)        # (N, R, R, C)
     all_labels = np.empty(len(seeds), dtype=np.int64)                   # (N,)
     for r, (rank_images, rank_labels) in enumerate(parts):              # undo the striding
         all_images[r::world_size] = rank_images
@@ -311,16 +316,22 @@ def output_path(path, steps, several):
     return path.with_name(f"{path.stem}-{steps}steps{path.suffix}") if several else path
 
 
+def to_pil(image):
+    """uint8 (H, W, C) -> a PIL image, RGB or, for C = 1, 8-bit grayscale ('L'): PIL has no (H, W, 1)
+    mode, and gray saved as gray is exactly what was sampled, in a third of the bytes of RGB."""
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
 def save_grid(images, path):
-    """uint8 images (N, R, R, 3) as one PNG of ceil(sqrt(N)) columns, empty cells black."""
-    N, R = len(images), images.shape[1]
+    """uint8 images (N, R, R, C) as one PNG of ceil(sqrt(N)) columns, empty cells black."""
+    N, R, C = len(images), images.shape[1], images.shape[-1]
     cols = math.ceil(math.sqrt(N))
     rows = math.ceil(N / cols)
-    cells = np.zeros((rows * cols, R, R, 3), dtype=np.uint8)
+    cells = np.zeros((rows * cols, R, R, C), dtype=np.uint8)
     cells[:N] = images
-    grid = cells.reshape(rows, cols, R, R, 3).transpose(0, 2, 1, 3, 4).reshape(rows * R, cols * R, 3)
+    grid = cells.reshape(rows, cols, R, R, C).transpose(0, 2, 1, 3, 4).reshape(rows * R, cols * R, C)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    to_pil(grid).save(path)
 
 
 def save_outputs(images, labels, seeds, steps, args):
@@ -332,7 +343,7 @@ def save_outputs(images, labels, seeds, steps, args):
         folder = output_path(args.outdir, steps, several)
         folder.mkdir(parents=True, exist_ok=True)
         for seed, image in zip(seeds, images):
-            Image.fromarray(image).save(folder / f"seed{seed:06d}.png")
+            to_pil(image).save(folder / f"seed{seed:06d}.png")
     if args.out:
         path = output_path(args.out, steps, several)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -372,8 +383,8 @@ def benchmark(rows, config, batch, device, reps, vs_last=False):
     of `reps` batches of the same inputs (seeds 0 .. batch-1) counts.
     """
     R, K = config["resolution"], config["num_classes"]
-    z, label, gens = seed_inputs(list(range(batch)), range(batch), None, K, R)
-    z, onehot = z.to(device), nnf.one_hot(label, K).float().to(device)           # (B, 3, R, R), (B, K)
+    z, label, gens = seed_inputs(list(range(batch)), range(batch), None, K, R, ti.img_channels(config))
+    z, onehot = z.to(device), nnf.one_hot(label, K).float().to(device)           # (B, C, R, R), (B, K)
     speeds = []
     for name, steps, sample, nfe in tqdm(rows, desc="benchmark", unit="sampler"):
         sample(z, onehot, seeded_noise(gens))                          # warm-up

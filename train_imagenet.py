@@ -82,8 +82,8 @@ from torch.nn.parallel import DistributedDataParallel
 import unet
 from adversarial import build_discriminator, rpgan_d_objective, rpgan_g_objective
 from checkpoint import (RunLock, UsageError, build_network, check_config, check_disk_space, check_same_run,
-                        check_stage, checkpoint_bytes, data_fingerprint, distilled_weighting, load_checked,
-                        load_snapshot, read_config, resolve_from_checkpoints, save_atomic, save_run,
+                        check_stage, checkpoint_bytes, data_fingerprint, distilled_weighting, img_channels,
+                        load_checked, load_snapshot, read_config, resolve_from_checkpoints, save_atomic, save_run,
                         snapshot_file)     # some re-exported: sample.py, evaluate.py and the tests use them
 from dataset import DataError, batch_indices, get_batch, load_dataset
 from flowmap import as_velocity, guided_velocity, jump_excursion
@@ -290,11 +290,12 @@ def unconditional(velocity):
 def draw(cfg, step, B, device):
     """Every random draw of a step, for the whole global batch, from a generator seeded by (seed, step):
     the same on every rank, which keeps its own rows, whatever the world size. Data indices: dataset.py;
-    residual dropout masks (M and L teachers): seeded by (seed, step, rank). Each (B,) or (B, 3, R, R)."""
-    gen, R, stage = torch.Generator(device).manual_seed(seed_of(cfg["seed"], step)), cfg["resolution"], cfg["stage"]
+    residual dropout masks (M and L teachers): seeded by (seed, step, rank). Each (B,) or (B, C, R, R)."""
+    gen, stage = torch.Generator(device).manual_seed(seed_of(cfg["seed"], step)), cfg["stage"]
+    C, R = cfg["img_channels"], cfg["resolution"]
     randn = functools.partial(torch.randn, generator=gen, device=device)
     rand = functools.partial(torch.rand, generator=gen, device=device)
-    d = dict(eps=randn(B, 3, R, R))
+    d = dict(eps=randn(B, C, R, R))
     if stage == "teacher":                                          # logit(t) = ln sigma ~ N(P_mean, P_std^2)
         d["t"] = d["s"] = torch.sigmoid(cfg["P_mean"] + cfg["P_std"] * randn(B))
     else:                                                           # t_max >= t >= s >= t_min, or s = 0
@@ -303,18 +304,18 @@ def draw(cfg, step, B, device):
     d["lam"] = cfg["lam_min"] + (cfg["lam_max"] - cfg["lam_min"]) * rand(B)
     d["keep"] = rand(B) >= cfg["label_dropout"]                     # label dropout
     if stage == "adv":                                              # fakes' noise and jumps, D's noise level
-        d["z"] = randn(B, 3, R, R)
+        d["z"] = randn(B, C, R, R)
         d["u"] = torch.where(rand(B) < 0.5, 1.0, 0.5)               # 1: one step, 0.5: two
         d["t_D"] = cfg["t_min"] + (cfg["adv_t_max"] - cfg["t_min"]) * rand(B)    # in the teacher's range
-        d["eps_D"] = randn(B, 3, R, R)
+        d["eps_D"] = randn(B, C, R, R)
     return d
 
 
 def divergence_probe(cfg, num_classes, device, n=4):
-    """The divergence guard's fixed inputs, the same on every rank: noise (n, 3, R, R) and its cond
+    """The divergence guard's fixed inputs, the same on every rank: noise (n, C, R, R) and its cond
     (labels 0, 1, ..., lam alternating lam_min and lam_max for a student with a lam input)."""
     gen = torch.Generator(device).manual_seed(seed_of(cfg["seed"], 2**32 - 1))
-    z = torch.randn(n, 3, cfg["resolution"], cfg["resolution"], generator=gen, device=device)
+    z = torch.randn(n, cfg["img_channels"], cfg["resolution"], cfg["resolution"], generator=gen, device=device)
     cond = dict(label=torch.eye(num_classes, device=device)[torch.arange(n, device=device) % num_classes])
     if cfg["cond_lam"]:
         cond["lam"] = torch.tensor([cfg["lam_min"], cfg["lam_max"]] * (n // 2), device=device)
@@ -334,7 +335,7 @@ def teacher_velocity(teacher, guide, guidance):
 def distill_objective(net, velocity, x0, d, r, cfg, **cond):
     """AYF-EMD (docs/method.md §3) with tangent warmup r, or AYF-LMD (§4), of the student F at
     x_t = (1 - t) x0 + t eps against the teacher velocity v (guided: v_weak + lam (v - v_weak), §6)."""
-    x_t = torch.lerp(x0, d["eps"], d["t"][:, None, None, None])            # (b, 3, R, R)
+    x_t = torch.lerp(x0, d["eps"], d["t"][:, None, None, None])            # (b, C, R, R)
     if cfg["loss"] == "emd":
         return emd_loss(net, velocity, x_t, d["t"], d["s"], r=r, c=cfg["c"], jvp_method=cfg["jvp"], **cond)
     return lmd_loss(net, velocity, x_t, d["t"], d["s"], c=cfg["c"], jvp_method=cfg["jvp"],
@@ -361,6 +362,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
         ds = load_dataset(cfg["data"], cache_dir=cfg["cache_dir"], resolution=cfg["resolution"],
                           max_images=cfg["max_images"])
     cfg["num_classes"], cfg["data_sha"] = ds.num_classes, data_fingerprint(ds.images)
+    cfg["img_channels"] = ds.channels                               # 1 for gray idx digits, 3 (RGB) otherwise
 
     # Setup networks.
     torch.manual_seed(cfg["seed"])
@@ -370,6 +372,9 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
         if teacher_cfg["num_classes"] != ds.num_classes:
             raise UsageError(f"--teacher {cfg['teacher']} has {teacher_cfg['num_classes']} classes, "
                              f"--data {cfg['data']} has {ds.num_classes}")
+        if img_channels(teacher_cfg) != ds.channels:
+            raise UsageError(f"--teacher {cfg['teacher']} was trained on {img_channels(teacher_cfg)}-channel images, "
+                             f"--data {cfg['data']} has {ds.channels} channels; train the teacher on this data")
         if stage == "distill":
             unet.init_student_from_teacher(net, teacher.state_dict())
         else:                                                       # adv: finetune the distilled EMA
@@ -391,7 +396,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
     state_path = out / "training-state.pt"
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)   # main() checked it and its flags
-        check_same_run(state, cfg, state_path, keys=("num_classes", "data_sha"))      # and here, its data
+        check_same_run(state, cfg, state_path, keys=("num_classes", "img_channels", "data_sha"))   # and its data
         for key, part in dict(net=net, ema=ema, optimizer=optimizer, weight=weight, disc=head,
                               disc_optimizer=optimizer_D).items():
             if part is not None:                                    # weight: --weighting adaptive; disc*: adv
@@ -437,7 +442,7 @@ def train(cfg, rank=0, local_rank=0, world_size=1):
             pairs = []                                              # adv: (real, fake, D's inputs)
             for a, rows in enumerate(micro_batches):
                 d = {k: v[rows] for k, v in draws.items()}          # this micro-batch's rows of each draw
-                x0, label = get_batch(ds, idx[rows], device)        # (b, 3, R, R) in [-1, 1], (b, K)
+                x0, label = get_batch(ds, idx[rows], device)        # (b, C, R, R) in [-1, 1], (b, K)
                 label = label * d["keep"][:, None]
                 cond = dict(label=label, lam=d["lam"]) if cfg["cond_lam"] else dict(label=label)
                 with no_sync(ddp, accumulating=a < rounds - 1):
