@@ -179,7 +179,8 @@ def image_folder(root, num_classes):
     return root
 
 
-@pytest.mark.parametrize("problem", ["missing run", "data classes", "classifier classes", "bad spec"])
+@pytest.mark.parametrize("problem", ["missing run", "data classes", "classifier classes", "classifier channels",
+                                     "bad spec"])
 def test_bad_input_is_one_line_and_exit_2(runs, classifier_file, tmp_path, capsys, problem):
     argv = ["--data", "synthetic", "--teacher", str(runs / "teacher"), "--guide", str(runs / "guide"),
             "--runs", f"emd={runs / 'emd'}", "--num", "8", "--out", str(tmp_path / "eval")]
@@ -187,9 +188,9 @@ def test_bad_input_is_one_line_and_exit_2(runs, classifier_file, tmp_path, capsy
         argv[7] = f"emd={runs / 'nothing-here'}"
     elif problem == "data classes":
         argv[1] = str(image_folder(tmp_path / "three", 3))
-    elif problem == "classifier classes":
+    elif problem in ("classifier classes", "classifier channels"):
         saved = torch.load(classifier_file, weights_only=True)
-        saved["info"]["num_classes"] = 3
+        saved["info"]["num_classes" if problem == "classifier classes" else "channels"] = 1
         torch.save(saved, tmp_path / "other.pt")
         argv += ["--classifier", str(tmp_path / "other.pt")]
     else:

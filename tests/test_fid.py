@@ -106,6 +106,16 @@ def test_compute_features_matches_numpy_and_ignores_batching(detector):
     np.testing.assert_allclose(fid.compute_features(detector, torch.from_numpy(images), progress=False), expected, rtol=1e-6)
 
 
+def test_gray_images_enter_inception_as_rgb_with_equal_channels(detector):
+    """A 1-channel image's features are those of the RGB image with its gray value in every channel;
+    the BlockMeans stand-in asserts it receives 3 channels."""
+    gray = np.random.default_rng(7).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    expected = fid.compute_features(detector, np.repeat(gray, 3, axis=-1), progress=False)
+    np.testing.assert_array_equal(fid.compute_features(detector, gray, progress=False), expected)
+    with pytest.raises(ValueError, match=r"\(N, H, W, 1\) gray"):
+        fid.compute_features(detector, np.zeros((4, 16, 16, 2), np.uint8), progress=False)
+
+
 def test_compute_features_rejects_float_images(detector):
     with pytest.raises(ValueError, match="uint8"):
         fid.compute_features(detector, np.zeros((4, 16, 16, 3), np.float32), progress=False)

@@ -242,3 +242,41 @@ def test_a_detector_that_is_not_torchscript_is_a_usage_error_before_sampling(run
     garbage.write_text("not a TorchScript archive")
     with pytest.raises(UsageError, match="not a TorchScript file"):
         sample.main(["--ckpt", str(runs / "emd"), "--fid", "--detector", str(garbage), "--ref-data", "synthetic"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Gray idx data: one channel end to end.
+
+def write_idx(path, array):
+    """An idx file from the format's definition: 0x0000, type 0x08 (uint8), ndim, big-endian sizes, data."""
+    path.write_bytes(bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes() + array.tobytes())
+
+
+def test_gray_idx_data_trains_and_samples_one_channel(runs, tmp_path):
+    """A teacher and a student trained on 12x12 gray idx images (padded to 16) take and sample 1 channel;
+    the PNGs are 8-bit grayscale holding the npz's pixels; RGB teachers and guides are refused for them."""
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (16, 12, 12), dtype=np.uint8))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", (np.arange(16) % K).astype(np.uint8))
+    train = ["--data", str(tmp_path / "t10k-images-idx3-ubyte"), "--cache-dir", str(tmp_path / "cache"),
+             "--device", "cpu", "--batch", "8", "--status-kimg", "1", "--snapshot-kimg", "1"]
+    teacher, student = str(tmp_path / "teacher"), str(tmp_path / "student")
+    ti.main(train + ["--preset", "tiny", "--resolution", str(R), "--kimg", "0.016", "--out", teacher])
+    ti.main(train + ["--stage", "distill", "--teacher", teacher, "--guidance", "none", "--kimg", "0.008", "--out", student])
+    net, config = ti.load_snapshot(student)
+    assert config["img_channels"] == 1 and net.conv_in.weight.shape[1] == 1 + 1      # gray + UNet's constant input
+
+    sample.main(["--ckpt", student, "--steps", "1", "--seeds", "0-3", "--grid", str(tmp_path / "grid.png"),
+                 "--outdir", str(tmp_path / "png"), "--out", str(tmp_path / "s.npz")])
+    images, _ = load_npz(tmp_path / "s.npz")
+    assert images.shape == (4, R, R, 1)
+    png, grid = Image.open(tmp_path / "png" / "seed000002.png"), Image.open(tmp_path / "grid.png")
+    assert png.mode == grid.mode == "L" and grid.size == (2 * R, 2 * R)
+    np.testing.assert_array_equal(np.asarray(png), images[2, ..., 0])
+    np.testing.assert_array_equal(np.asarray(grid)[R:, :R], images[2, ..., 0])         # row-major, 2 columns
+
+    with pytest.raises(ValueError, match="trained on 3-channel images, --data .* has 1 channels"):
+        ti.main(train + ["--stage", "distill", "--teacher", str(runs / "teacher"), "--guidance", "none",
+                         "--out", str(tmp_path / "x")])
+    with pytest.raises(UsageError, match="--guide .* has 3 image channels, but --ckpt has 1"):
+        sample.main(["--ckpt", teacher, "--guide", str(runs / "guide"), "--guidance", "2", "--seeds", "0"])
