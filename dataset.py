@@ -36,8 +36,8 @@ never mistaken for a class folder):
                     the cache complete. The manifest summarizes the source files (per class folder or
                     batch file: count, bytes, a digest of names and sizes, one of modification times);
                     every load rescans the source (stat only, no decoding) and refuses a cache whose
-                    source changed. A cache with another channel count than its source's kind gets (an
-                    idx cache from before gray became 1 channel; no "channels" means 3) is rebuilt.
+                    source changed. A cache of another channel count than its source gets now (an idx
+                    cache from when gray was copied to 3 channels; no "channels" means 3) is rebuilt.
     .lock           held (flock) by a process building the cache, shared by those loading it
 
 The data is never silently wrong: a user's mistake raises DataError, a one-line message naming the
