@@ -158,7 +158,7 @@ def _constant(func, out, P, D, kw):
 
 
 RULES = {
-    **dict.fromkeys([T.__getitem__, T.reshape, T.view, T.flatten, T.transpose, T.permute, T.unbind,
+    **dict.fromkeys([T.__getitem__, T.reshape, T.view, T.flatten, T.transpose, T.permute, T.unbind, T.contiguous,
                      T.mean, T.sum, T.to, T.neg,
                      torch.cat, nnf.avg_pool2d, nnf.interpolate], _linear),
     **dict.fromkeys([T.mul, T.matmul, torch.outer, torch.einsum], _product),
