@@ -6,8 +6,8 @@
 train-*), as dataset.py reads them. Stages, each a train_imagenet.py run (preset 'digits') or
 evaluate.py, in OUT/<stage>:
 
-    teacher   flow matching, the preset's --kimg
-    guide     the weak guide of autoguidance: the same network trained 1/8 as long
+    guide     the weak guide of autoguidance: the teacher's own run, stopped at 1/8 of its length
+    teacher   flow matching, the preset's --kimg, going on from the guide's training state
     emd       AYF-EMD flow map, autoguided teacher
     lmd       AYF-LMD flow map, autoguided teacher
     cm        the consistency-model baseline: EMD with every s = 0 (--p-zero 1)
@@ -16,10 +16,13 @@ evaluate.py, in OUT/<stage>:
               every run at 1, 2, 4, 8 steps and lam = 1, 2; OUT/eval/metrics.json and eval.png
 
 The stages run in waves that keep every core busy with one single-threaded process each (--cores,
-default all): the teacher and the guide as data-parallel runs (train_imagenet.py --gpus CORES on
-the CPU, gloo), then EMD beside LMD, then CM beside adv, then eval. Small convolutions scale
-better over processes than over threads, and a thread pool degrades badly when other jobs share
-the cores. A rerun skips what is finished (train_imagenet.py does nothing for a finished run and
+default all): the guide, then the teacher, as data-parallel runs (train_imagenet.py --gpus CORES on
+the CPU, gloo), then EMD beside LMD, then CM beside adv, then eval (evaluate.py --jobs CORES). Small
+convolutions scale better over processes than over threads, and a thread pool degrades badly when
+other jobs share the cores. The guide is the teacher's own run stopped early (autoguidance's 'less
+trained version of the model itself'): its learning rate and batches depend on the step alone, so
+the teacher starts from a copy of the guide's training state, and its first 1/8 is not trained twice.
+A rerun skips what is finished (train_imagenet.py does nothing for a finished run and
 resumes an interrupted one; eval is skipped once metrics.json exists). Each stage writes its
 progress and ETA (train_imagenet.py's status line) to OUT/<stage>.log, and this script prints
 each stage's last line every minute, and each finished stage's wall and CPU time, which land in
@@ -34,15 +37,16 @@ noise within 100 iterations, with or without the adaptive weighting (README).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("teacher", "guide", "emd", "lmd", "cm", "adv", "eval")
-WAVES = (("teacher",), ("guide",), ("emd", "lmd"), ("cm", "adv"), ("eval",))   # side by side within a wave
-DATA_PARALLEL = ("teacher", "guide")                                            # train_imagenet.py --gpus CORES
+STAGES = ("guide", "teacher", "emd", "lmd", "cm", "adv", "eval")
+WAVES = (("guide",), ("teacher",), ("emd", "lmd"), ("cm", "adv"), ("eval",))   # side by side within a wave
+DATA_PARALLEL = ("guide", "teacher")                                            # train_imagenet.py --gpus CORES
 GUIDE_FRACTION = 1 / 8          # the guide's training length against the teacher's (autoguidance: shorter)
 DISTILL_LR = 1e-3               # teacher lr 0.01 x 0.1 (see the module doc)
 CM_LR = 1e-4                    # the consistency model diverges at DISTILL_LR (see the module doc)
@@ -65,8 +69,8 @@ def stage_commands(args, extra):
                 *extra]
 
     return {
-        "teacher": [*run, "--preset", "digits", *teacher_kimg, "--out", str(out / "teacher")],
         "guide":   [*run, "--preset", "digits", "--kimg", f"{guide_kimg:g}", "--out", str(out / "guide")],
+        "teacher": [*run, "--preset", "digits", *teacher_kimg, "--out", str(out / "teacher")],
         "emd":     distill(DISTILL_LR, "emd", "emd"),
         "lmd":     distill(DISTILL_LR, "lmd", "lmd"),
         "cm":      distill(CM_LR, "emd", "cm", "--p-zero", "1"),
@@ -75,6 +79,16 @@ def stage_commands(args, extra):
                     "--runs", *(f"{name}={out / name}" for name in ("emd", "lmd", "cm", "adv")),
                     "--steps", "1,2,4,8", "--num", str(args.eval_num), "--out", str(out / "eval")],
     }
+
+
+def teacher_from_guide(out):
+    """Start the teacher's run from a copy of the guide's final training state, unless the teacher has a
+    state of its own (a finished or interrupted teacher). train_imagenet.py resumes from it: the two
+    runs' flags differ only in --kimg and --out, which a resumed run may change."""
+    state, guide_state = out / "teacher" / "training-state.pt", out / "guide" / "training-state.pt"
+    if guide_state.exists() and not state.exists():
+        state.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(guide_state, state)
 
 
 def train_preset():
@@ -150,9 +164,10 @@ def main(argv=None):
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     begin, worked = time.time(), set()
-    if args.cores > 1:                                              # the teacher and guide: data-parallel
+    if args.cores > 1:                                              # the guide and teacher: data-parallel
         for name in DATA_PARALLEL:
             commands[name] += ["--gpus", str(args.cores)]
+    commands["eval"] += ["--jobs", str(args.cores)]
     if "eval" in stages and (out / "eval" / "metrics.json").exists():
         print(f"{out / 'eval' / 'metrics.json'} exists; eval has nothing to do (delete it to evaluate again)")
         stages.remove("eval")
@@ -160,6 +175,8 @@ def main(argv=None):
         if not wave:
             continue
         print(f"\n=== digits.py: {' and '.join(wave)}  (elapsed {time.time() - begin:.0f} s; logs in {out}/<stage>.log)")
+        if "teacher" in wave:
+            teacher_from_guide(out)
         for name in wave:
             print(" ".join(commands[name]), flush=True)
         for name, (code, wall, cpu) in run_wave(wave, commands, out, args.cores).items():

@@ -50,3 +50,20 @@ def test_a_wave_runs_its_stages_side_by_side_with_their_own_cpu_time_and_logs(tm
     assert done["slow"][2] >= 0.5 > done["fails"][2]                       # CPU seconds: each its own
     assert digits.last_line(tmp_path / "slow.log") == "burnt 1"
     assert digits.last_line(tmp_path / "fails.log") == "oops"
+
+
+def test_the_teacher_goes_on_from_the_guide_and_ends_as_a_run_trained_straight(tmp_path):
+    """The guide is the teacher's run stopped early: a teacher started from a copy of the guide's state
+    ends bit-identical to one trained from scratch, and the guide keeps its own state."""
+    from test_train_imagenet import TINY, assert_same_tensors, kimg, state
+
+    ti.main(TINY + kimg(3) + ["--out", str(tmp_path / "straight")])
+    ti.main(TINY + kimg(1) + ["--out", str(tmp_path / "guide")])
+    digits.teacher_from_guide(tmp_path)
+    ti.main(TINY + kimg(3) + ["--out", str(tmp_path / "teacher")])
+    a, b = state(tmp_path / "straight"), state(tmp_path / "teacher")
+    assert a["step"] == b["step"] == 3 and state(tmp_path / "guide")["step"] == 1
+    for key in ("net", "ema"):
+        assert_same_tensors(a[key], b[key])
+    digits.teacher_from_guide(tmp_path)                                 # a teacher of its own is kept
+    assert state(tmp_path / "teacher")["step"] == 3
