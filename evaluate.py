@@ -31,7 +31,9 @@ Outputs: DIR/metrics.json (one row per run, lam and step count; the 'data' row h
 precision/recall of a second, disjoint set of real images, the floor that sample size allows) and
 DIR/eval.png (grids of the same seeds side by side, and the metrics against the step count).
 DIR/teacher-lam<lam>.npz keeps the teacher ODE's samples, the longest part: a rerun with the same
-teacher and guide snapshots, --teacher-steps and --num reuses them.
+teacher and guide snapshots, --teacher-steps and --num reuses them. --jobs N samples in N processes
+(one thread each; on a CPU, one per core), each set of samples whole in one process, so the numbers
+do not depend on N.
 Bad input (a missing run, a classifier or data of another class count, ...) is a one-line error with
 exit code 2.
 """
@@ -52,6 +54,7 @@ import torch.nn.functional as nnf
 from tqdm import tqdm
 
 import fid
+import launch
 import sample
 import train_imagenet as ti
 from checkpoint import UsageError
@@ -229,6 +232,7 @@ def parse_args(argv=None):
     add("--cache-dir",      default=None,              help="dataset cache (see dataset.py)")
     add("--batch",          default=250,  type=int,    help="images per sampling batch")
     add("--device",         default="auto",            help="auto (cuda if available), cuda or cpu")
+    add("--jobs",           default=1,    type=int,    help="sampling processes, one thread each (CPU: the cores)")
     return p.parse_args(argv)
 
 
@@ -311,22 +315,78 @@ def teacher_key(args, lam):
     return json.dumps(dict(snapshots, lam=lam, solver="heun", steps=args.teacher_steps, num=args.num))
 
 
-def generate_cached(sampler, seeds, config, batch, device, desc, cache=None, key=None):
-    """(images, labels, seconds) of sample.generate, or read from the npz `cache` if it was written
-    for the same `key` (the teacher ODE's samples, the longest part, are reused by a rerun)."""
-    if cache is not None and cache.exists():
+def read_cache(cache, key):
+    """(images, labels, seconds) from the npz `cache` if it was written for `key`, else None (the teacher
+    ODE's samples, the longest part, are reused by a rerun)."""
+    if cache.exists():
         with np.load(cache) as data:
             if str(data["key"]) == key:
-                print(f"{desc}: reusing {cache}")
                 return data["images"], data["labels"], float(data["seconds"])
+    return None
+
+
+def write_cache(cache, key, images, labels, seconds):
+    with open(cache.with_suffix(".tmp"), "wb") as f:
+        np.savez(f, images=images, labels=labels, seconds=seconds, key=key)
+    os.replace(cache.with_suffix(".tmp"), cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: one job per set of samples (a run, lam and step count), in --jobs processes.
+
+_loaded = {}                                                    # per process: snapshots by path
+
+
+def draw(job):
+    """One job's samples of seeds 0..num-1: (job, images (num, R, R, C) uint8, labels, NFE, seconds).
+    The teacher's job is its ODE, autoguided by job['guide'] at lam != 1; a run's is its flow map."""
+    device = job["device"]
+    for path in (job["path"], job.get("guide")):
+        if path and path not in _loaded:
+            _loaded[path] = ti.load_snapshot(path, device)
+    net, config = _loaded[job["path"]]
+    if job["name"] == "teacher":
+        weak = as_velocity(_loaded[job["guide"]][0]) if job["guide"] else None
+        sampler, nfe = sample.ode_sampler(net, job["steps"], "heun", weak, job["lam"], config.get("t_max", 1.0))
+    else:
+        lam = job["lam"] if config["cond_lam"] else None
+        sampler, nfe = sample.flow_map_sampler(net, job["steps"], job["gamma"], lam,
+                                               config.get("t_max", 1.0))          # < 1: EDM2 (edm2.py)
     tick = time.perf_counter()
-    images, labels = sample.generate(sampler, seeds, None, config, batch, device, desc=desc)
-    seconds = time.perf_counter() - tick
-    if cache is not None:
-        with open(cache.with_suffix(".tmp"), "wb") as f:
-            np.savez(f, images=images, labels=labels, seconds=seconds, key=key)
-        os.replace(cache.with_suffix(".tmp"), cache)
-    return images, labels, seconds
+    images, labels = sample.generate(sampler, list(range(job["num"])), None, config, job["batch"], device,
+                                     desc=f"{job['name']}, lam {job['lam']:g}, {job['steps']} steps")
+    return job, images, labels, nfe, time.perf_counter() - tick
+
+
+def cost(job):
+    """Network evaluations per sample: Heun's 2 N - 1 (doubled by the guide), or the flow map's steps."""
+    if job["name"] == "teacher":
+        return (2 * job["steps"] - 1) * (2 if job["lam"] != 1 else 1)
+    return job["steps"]
+
+
+def draw_all(jobs, num_jobs):
+    """Every job's draw(), longest first, over num_jobs processes (spawned, one thread each: small
+    convolutions scale better over processes than over threads), with a line per finished job and an
+    ETA. Returns {(name, lam, steps): (images, labels, NFE, seconds)}."""
+    jobs = sorted(jobs, key=cost, reverse=True)
+    total, done, results, tick = sum(map(cost, jobs)), 0, {}, time.time()
+    pool = None
+    if num_jobs > 1 and len(jobs) > 1:
+        pool = torch.multiprocessing.get_context("spawn").Pool(min(num_jobs, len(jobs)),
+                                                                 initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        for job, *result in (pool.imap_unordered(draw, jobs) if pool else map(draw, jobs)):
+            results[job["name"], job["lam"], job["steps"]] = result
+            done += cost(job)
+            eta = (time.time() - tick) * (total - done) / done
+            print(f"[{len(results)}/{len(jobs)}] {job['name']}, lam {job['lam']:g}, {job['steps']} steps: "
+                  f"{result[-1]:.1f} s; eta {launch.format_duration(eta)}", flush=True)
+    finally:
+        if pool:
+            pool.terminate()
+        _loaded.clear()                                         # a later call may find other files there
+    return results
 
 
 def prepare(args):
@@ -352,7 +412,6 @@ def evaluate(args, teacher_cfg, runs, ds):
     real_feats, floor_feats = real_features(ds, clf, args.num, device)
     real_stats = fid.feature_stats(real_feats)
 
-    seeds = list(range(args.num))
     rows, grids = [], {}
     data_row = dict(run="data", lam=None, steps=None, nfe=None, cond_acc=clf_info["heldout_accuracy"],
                     distill_err=None)
@@ -361,37 +420,49 @@ def evaluate(args, teacher_cfg, runs, ds):
     rows.append(data_row)
     grids["data"] = ds.images[np.random.default_rng(2).choice(len(ds), args.grid_num, replace=False)]
 
-    def run_sampler(name, sampler, nfe, lam, steps, config, reference, cache=None, key=None):
-        images, labels, seconds = generate_cached(sampler, seeds, config, args.batch, device,
-                                                  f"{name}, lam {lam:g}, {steps} steps", cache, key)
-        row = dict(run=name, lam=lam, steps=steps, nfe=nfe, seconds=round(seconds, 2),
-                   **score(images, labels, clf, real_feats, real_stats, reference, device))
-        rows.append(row)
-        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        return images
-
-    teacher, _ = ti.load_snapshot(args.teacher, device)
-    weak = as_velocity(ti.load_snapshot(args.guide, device)[0]) if args.guide else None
-    references = {}
+    jobs, cached, skipped = [], {}, []
+    common = dict(num=args.num, batch=args.batch, device=device)
     for lam in args.lams:
-        sampler, nfe = sample.ode_sampler(teacher, args.teacher_steps, "heun", weak, lam, teacher_cfg.get("t_max", 1.0))
-        references[lam] = run_sampler("teacher", sampler, nfe, lam, args.teacher_steps, teacher_cfg, None,
-                                      out / f"teacher-lam{lam:g}.npz", teacher_key(args, lam))
-        grids["teacher", lam] = references[lam][:args.grid_num]
-
-    skipped = []
+        key = teacher_key(args, lam)
+        cached["teacher", lam] = read_cache(out / f"teacher-lam{lam:g}.npz", key)
+        if cached["teacher", lam] is None:
+            jobs.append(dict(common, name="teacher", path=args.teacher, guide=args.guide, lam=lam,
+                             steps=args.teacher_steps, key=key))
+        else:
+            print(f"teacher, lam {lam:g}: reusing {out / f'teacher-lam{lam:g}.npz'}")
     for name, path, gamma in runs:
-        net, config = ti.load_snapshot(path, device)
+        config = ti.read_config(path)
         for lam in args.lams:
             if lam != 1 and not config["cond_lam"]:
                 skipped.append(f"{name} at lam {lam:g}: distilled with --guidance {config['guidance']}, no lam input")
                 continue
+            jobs += [dict(common, name=name, path=path, gamma=gamma, lam=lam, steps=k) for k in args.steps]
+    results = draw_all(jobs, args.jobs)
+    for job in jobs:
+        if job["name"] == "teacher":
+            images, labels, _, seconds = results["teacher", job["lam"], job["steps"]]
+            write_cache(out / f"teacher-lam{job['lam']:g}.npz", job["key"], images, labels, seconds)
+
+    def add_row(name, lam, steps, nfe, images, labels, seconds, reference):
+        row = dict(run=name, lam=lam, steps=steps, nfe=nfe, seconds=round(seconds, 2),
+                   **score(images, labels, clf, real_feats, real_stats, reference, device))
+        rows.append(row)
+        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    references, nfe = {}, 2 * args.teacher_steps - 1
+    for lam in args.lams:
+        images, labels, *_, seconds = cached["teacher", lam] or results["teacher", lam, args.teacher_steps]
+        add_row("teacher", lam, args.teacher_steps, nfe, images, labels, seconds, None)
+        references[lam] = images
+        grids["teacher", lam] = images[:args.grid_num]
+    for name, _, _ in runs:
+        for lam in args.lams:
             for steps in args.steps:
-                sampler, nfe = sample.flow_map_sampler(net, steps, gamma, lam if config["cond_lam"] else None,
-                                                       config.get("t_max", 1.0))      # < 1: EDM2 (edm2.py)
-                images = run_sampler(name, sampler, nfe, lam, steps, config, references[lam])
-                if steps in args.grid_steps:
-                    grids[name, lam, steps] = images[:args.grid_num]
+                if (name, lam, steps) in results:
+                    images, labels, nfe, seconds = results[name, lam, steps]
+                    add_row(name, lam, steps, nfe, images, labels, seconds, references[lam])
+                    if steps in args.grid_steps:
+                        grids[name, lam, steps] = images[:args.grid_num]
 
     metrics = dict(
         data=args.data, teacher=args.teacher, guide=args.guide, num=args.num, seeds=f"0-{args.num - 1}",
