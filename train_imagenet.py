@@ -109,7 +109,7 @@ PRESETS = {
                  lr=0.0100, dropout=0.0, teacher_kimg=2, p_zero=0.0, weighting="none", branch_lr_mult=1.0),
     "digits": dict(resolution=32, batch=32, lr_rampup=20, lr_decay=200, distill_kimg=9.6, adv_kimg=3.2, warmup=20,
                    ema_kimg=2, precision="fp32", status_kimg=1.6, snapshot_kimg=9.6,
-                   lr=0.0100, dropout=0.0, teacher_kimg=96, p_zero=0.0, weighting="none", branch_lr_mult=10.0),
+                   lr=0.0100, dropout=0.0, teacher_kimg=80, p_zero=0.0, weighting="none", branch_lr_mult=10.0),
     "XS":   dict(IMAGENET64, lr=0.0120, dropout=0.0, teacher_kimg=2**30 / 1e3),
     "S":    dict(IMAGENET64, lr=0.0100, dropout=0.0, teacher_kimg=2**30 / 1e3),
     "M":    dict(IMAGENET64, lr=0.0090, dropout=0.1, teacher_kimg=2**31 / 1e3),
