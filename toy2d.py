@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import time
 import zlib
 
@@ -410,12 +411,89 @@ class Discriminator(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 
-def evaluate(sampler, z, label, exact_end, distance):
-    """Distance to the data (sliced W2), error against the exact ODE endpoint, log-likelihood."""
-    x = sampler(z)
-    return x, dict(sw=distance(x),
-                   err=(x - exact_end).norm(dim=1).mean().item(),
-                   loglik=log_likelihood(x, label))
+class Evaluation:
+    """Every model at every step count (a row), sampled from the same noise and labels, scored against
+    the same reference data and exact ODE endpoints.
+
+    A row's sampler uses models[m] for the names m it needs; main() fills `models` in as they are
+    trained, and start() evaluates, in forked processes beside the training, the rows whose models
+    exist (README, Runtime). A row's numbers do not depend on the process that computes them.
+    """
+
+    def __init__(self, args, methods, steps_list, models):
+        n, g = args.n_eval, torch.Generator().manual_seed(12345)
+        self.label = torch.arange(n) % NUM_CLASSES
+        self.z = torch.randn(n, 2, generator=g)
+        self.data = sample_data(n, self.label, g)                       # shown in the figure
+        self.distance = DistanceToData([sample_data(n, self.label, g) for _ in range(4)], self.label)
+        self.floor = sum(self.distance(sample_data(n, self.label, g)) for _ in range(4)) / 4   # data vs data
+        self.models, self.pending = models, []
+        self.rows = self.make_rows(args, methods, steps_list)
+
+    def make_rows(self, args, methods, steps_list):
+        """(name, steps) -> (the models it needs, sampler(z, k) -> samples), in the tables' order."""
+        models, rows, n, lam = self.models, {}, len(self.z), args.guidance
+        ones, cond1 = torch.ones(n), dict(label=one_hot(self.label))
+        teacher, ref_steps = ("v_teacher", "v_guide"), 32                # Heun: 63 teacher evaluations
+
+        def add(name, needs, sampler, ks):
+            rows.update({(name, k): (needs, functools.partial(sampler, k=k)) for k in ks})
+
+        def guided(weak):                                               # lam v_teacher + (1 - lam) weak
+            return functools.partial(guided_velocity, models["v_teacher"], weak)
+
+        def renoise(k):                                     # CM's fresh noise: one stream per step count,
+            g_k = torch.Generator().manual_seed(12345 + k)  # whichever process samples it
+            return lambda x: torch.randn(x.shape, generator=g_k)
+
+        add("exact ODE", (), lambda z, k: exact_flow(z, 1.0, 0.0, self.label, k), [40])   # the ideal teacher
+        add("teacher ODE", teacher, lambda z, k: sample_ode(models["v_teacher"], z, k, "heun", **cond1), [ref_steps])
+        if args.teacher == "exact":                                     # the students' start (not in the figure)
+            add("MLP teacher ODE", ("teacher",), lambda z, k: sample_ode(
+                as_velocity(models["teacher"]), z, k, "heun", **cond1), [ref_steps])
+        titles = {"emd": "AYF-EMD", "lmd": "AYF-LMD", "cm": "consistency (EMD, s=0)", "adv": "AYF-EMD + adv"}
+        for m in [m for m in STUDENTS if m in methods]:
+            add(titles[m], (m,), lambda z, k, m=m: (
+                sample_consistency(models[m], z, k, noise=renoise(k), lam=ones, **cond1) if m == "cm"
+                else sample_flow_map(models[m], z, k, lam=ones, **cond1)), steps_list)
+        add(f"teacher ODE, autoguided lam={lam:g}", teacher, lambda z, k: sample_ode(
+            guided(models["v_guide"]), z, k, "heun", lam=lam * ones, **cond1), [ref_steps])
+        add(f"teacher ODE, CFG lam={lam:g}", teacher, lambda z, k: sample_ode(
+            guided(lambda x, t, label: models["v_teacher"](x, t, label=torch.zeros_like(label))),
+            z, k, "heun", lam=lam * ones, **cond1), [ref_steps])
+        if "emd" in methods:
+            add(f"AYF-EMD, autoguided lam={lam:g}", ("emd",),
+                lambda z, k: sample_flow_map(models["emd"], z, k, lam=lam * ones, **cond1), steps_list)
+        return rows
+
+    def evaluate(self, key):
+        """Row key's samples, their distance to the data (sliced W2) and their log-likelihood."""
+        x = self.rows[key][1](self.z)
+        return x, self.distance(x), log_likelihood(x, self.label)
+
+    def start(self, workers):
+        """Start evaluating the rows whose models exist and that are not started yet, in `workers`
+        forked processes beside this one (workers 0: none now, results() will)."""
+        started = {key for keys, _ in self.pending for key in keys}
+        ready = [key for key, (needs, _) in self.rows.items()
+                 if key not in started and all(m in self.models for m in needs)]
+        if workers and ready:
+            self.pending.append((ready, start_in_processes([functools.partial(self.evaluate, key) for key in ready],
+                                                           workers)))
+
+    def results(self, workers):
+        """Evaluate the rows not started yet (workers 1: in this process), wait for all of them, and
+        return ({name: {steps: metrics}}, {name: {steps: samples}}) in the tables' order. The error
+        against the exact ODE endpoint from the same noise is computed here: the exact ODE is a row."""
+        self.start(workers if workers > 1 else 0)
+        done = {key: out for keys, get in self.pending for key, out in zip(keys, get())}
+        done.update({key: self.evaluate(key) for key in self.rows if key not in done})
+        exact_end, _, _ = done[("exact ODE", 40)]
+        results, samples = {}, {}
+        for (name, k), (x, sw, loglik) in ((key, done[key]) for key in self.rows):
+            results.setdefault(name, {})[k] = dict(sw=sw, err=(x - exact_end).norm(dim=1).mean().item(), loglik=loglik)
+            samples.setdefault(name, {})[k] = x
+        return results, samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,33 +533,34 @@ def checkpoint_for(path, name, config):
     return ckpt if ckpt["config"] == config and (name not in STUDENTS or "weight" in ckpt) else None
 
 
-def setup_teacher(args, size):
-    """-> (teacher network, v_teacher, v_guide, teacher config, guide config).
+def setup_teacher(args, size, models):
+    """Train (or load) the teacher network into models["teacher"]; -> (teacher config, guide config).
 
     The teacher network, an MLP trained by flow matching, is what the students start from. With
-    --teacher mlp it is also the velocity they distill, guided by a smaller MLP trained shorter.
-    With --teacher exact they distill the mixture's exact velocity instead, guided by the exact
-    velocity of the mixture with every component --guide-blur times wider.
+    --teacher mlp it is also the velocity they distill, models["v_teacher"], guided by a smaller MLP
+    trained shorter, models["v_guide"]. With --teacher exact they distill the mixture's exact
+    velocity instead, guided by the exact velocity of the mixture with every component --guide-blur
+    times wider: main() puts those in `models` before any training.
     """
     t_dist = dict(t_dist=args.teacher_t, P_mean=args.teacher_P_mean, P_std=args.teacher_P_std)
     base = dict(seed=args.seed, batch=args.teacher_batch, lr=args.teacher_lr, **t_dist)
     teacher_cfg, guide_cfg = dict(base, steps=args.teacher_steps, **size), dict(base, steps=args.guide_steps)
-    teacher = cached(args, "teacher", teacher_cfg, lambda: MLP(**size), lambda n, g: train_teacher(
+    models["teacher"] = cached(args, "teacher", teacher_cfg, lambda: MLP(**size), lambda n, g: train_teacher(
         n, args.teacher_steps, args.teacher_batch, args.teacher_lr, 0.1, g, "teacher", **t_dist)).requires_grad_(False)
     if args.teacher == "exact":
-        return (teacher, exact_teacher(), exact_teacher(args.guide_blur), dict(teacher_cfg, velocity="exact"),
-                dict(blur=args.guide_blur))
+        return dict(teacher_cfg, velocity="exact"), dict(blur=args.guide_blur)
     guide = cached(args, "guide", guide_cfg, lambda: MLP(hidden=64, depth=3), lambda n, g: train_teacher(
         n, args.guide_steps, args.teacher_batch, args.teacher_lr, 0.1, g, "guide", **t_dist)).requires_grad_(False)
-    return teacher, as_velocity(teacher), as_velocity(guide), teacher_cfg, guide_cfg
+    models.update(v_teacher=as_velocity(models["teacher"]), v_guide=as_velocity(guide))
+    return teacher_cfg, guide_cfg
 
 
 def setup_students(args, methods, distill_cfg, build, velocity):
-    """The flow maps {method: net}, distilled from `velocity` or loaded from args.out.
+    """The flow maps emd, lmd, cm {method: net}, distilled from `velocity` or loaded from args.out.
 
-    emd, lmd and cm are independent: up to --jobs of them train at once, each in a forked process
-    that saves its checkpoint, which this process then loads (a student whose training diverged is
-    not saved, so it is trained again here, and stops the same way). adv finetunes emd, so it follows.
+    They are independent: up to --jobs of them train at once, each in a forked process that saves
+    its checkpoint, which this process then loads (a student whose training diverged is not saved,
+    so it is trained again here, and stops the same way).
     """
     # lmd's teacher x0-prediction is projected onto DATA_RANGE (lmd_loss): a checkpoint from before is stale
     configs = {m: dict(distill_cfg, objective=m, **({"x0_in_range": True} if m == "lmd" else {}))
@@ -494,20 +573,22 @@ def setup_students(args, methods, distill_cfg, build, velocity):
     forked = args.jobs > 1 and len(stale) > 1
     if forked:
         run_in_processes([functools.partial(jobs[m], retrain=True) for m in stale], args.jobs)
-    students = {m: job(retrain=args.retrain and not forked) for m, job in jobs.items()}
-    if "adv" in methods:
-        adv_cfg = dict(distill_cfg, adv_steps=args.adv_steps, adv_lr=args.adv_lr, adv_weight=args.adv_weight,
-                       adv_gamma=args.adv_gamma, adv_lam=args.adv_lam)
+    return {m: job(retrain=args.retrain and not forked) for m, job in jobs.items()}
 
-        def finetune(n, g):
-            n.load_state_dict(students["emd"].state_dict())
-            with torch.random.fork_rng():                               # D's init: the same whichever
-                torch.manual_seed(args.seed)                            # models this run trained before
-                D = Discriminator()
-            return train_flow_map(n, velocity, args, g, "adv", "emd", adv=(D, args.adv_steps),
-                                  weight_state=students["emd"].weight_state)
-        students["adv"] = cached(args, "adv", adv_cfg, build, finetune)
-    return students
+
+def setup_adv(args, distill_cfg, build, velocity, emd):
+    """The adversarial finetune of the EMD map `emd` (AYF Sec. 3.3), trained or loaded from args.out."""
+    adv_cfg = dict(distill_cfg, adv_steps=args.adv_steps, adv_lr=args.adv_lr, adv_weight=args.adv_weight,
+                   adv_gamma=args.adv_gamma, adv_lam=args.adv_lam)
+
+    def finetune(n, g):
+        n.load_state_dict(emd.state_dict())
+        with torch.random.fork_rng():                                   # D's init: the same whichever
+            torch.manual_seed(args.seed)                                # models this run trained before
+            D = Discriminator()
+        return train_flow_map(n, velocity, args, g, "adv", "emd", adv=(D, args.adv_steps),
+                              weight_state=emd.weight_state)
+    return cached(args, "adv", adv_cfg, build, finetune)
 
 
 def run_in_processes(jobs, workers):
@@ -527,19 +608,38 @@ def _quiet(job):
     job()
 
 
-def map_in_processes(fns, workers):
-    """[fn() for fn in fns], computed by `workers` forked processes: fns are inherited, not pickled;
-    their results come back pickled."""
-    global _FNS
-    if workers == 1:
-        return [fn() for fn in fns]
-    _FNS = fns
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return pool.map(_call, range(len(fns)), chunksize=1)
+def start_in_processes(fns, workers):
+    """Start computing [fn() for fn in fns] in `workers` forked processes, each taking the next fn
+    until none is left, while this one goes on; returns get(), which waits for that list. fns are
+    inherited, not pickled. Each process sends its results, pickled, when it is done: this one runs
+    no thread meanwhile, so it can fork again safely."""
+    ctx = multiprocessing.get_context("fork")
+    next_fn, procs = ctx.Value("i", 0), []
+    for _ in range(workers):
+        receive, send = ctx.Pipe(duplex=False)
+        procs.append((ctx.Process(target=_work, args=(fns, next_fn, send)), receive))
+        procs[-1][0].start()
+        send.close()                                                    # EOFError in get() if it dies
+
+    def get():
+        done = {}
+        for p, receive in procs:
+            done.update(pickle.loads(receive.recv_bytes()))
+            p.join()
+        assert next_fn.value >= len(fns)        # (this reference keeps the counter alive: start() drops args)
+        return [done[i] for i in range(len(fns))]
+    return get
 
 
-def _call(i):
-    return _FNS[i]()
+def _work(fns, next_fn, send):
+    done = {}
+    while True:
+        with next_fn.get_lock():
+            i, next_fn.value = next_fn.value, next_fn.value + 1
+        if i >= len(fns):
+            break
+        done[i] = fns[i]()
+    send.send_bytes(pickle.dumps(done))
 
 
 def main(argv=None):
@@ -609,77 +709,45 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     start = time.time()
 
+    # The schedule (README, Runtime): the evaluation rows start, in cores - 1 forked processes beside
+    # the training in this one, as soon as the models they sample are in `models`; the rest at the
+    # end, in `cores` processes. --jobs 1: all at the end, in this process.
+    models = {}                                                         # name -> network or velocity
+    ev = Evaluation(args, methods, steps_list, models)
+    cores = min(args.jobs, len(os.sched_getaffinity(0)))
+    if args.teacher == "exact":                                         # known: evaluated while the MLP trains
+        models.update(v_teacher=exact_teacher(), v_guide=exact_teacher(args.guide_blur))
+    ev.start(cores - 1)
     size = dict(hidden=args.hidden, depth=args.depth, x_octaves=args.x_octaves)
-    teacher, v_teacher, v_guide, teacher_cfg, guide_cfg = setup_teacher(args, size)
-    v_autoguided = functools.partial(guided_velocity, v_teacher, v_guide)
-    v_cfg = functools.partial(guided_velocity, v_teacher, lambda x, t, label: v_teacher(x, t, label=torch.zeros_like(label)))
+    teacher_cfg, guide_cfg = setup_teacher(args, size, models)
+    v_autoguided = functools.partial(guided_velocity, models["v_teacher"], models["v_guide"])
     distill_cfg = dict(seed=args.seed, batch=args.batch, teacher=teacher_cfg, guide=guide_cfg, **{k: getattr(args, k) for k in (
         "distill_steps", "ts_dist", "P_mean", "P_std", "p_diag", "p_zero", "weighting", "warmup",
         "r_max", "c", "distill_lr", "lam_max", "ema")}, **size)
-    students = setup_students(args, methods, distill_cfg, functools.partial(student_from, teacher, **size), v_autoguided)
+    build = functools.partial(student_from, models["teacher"], **size)
+    models.update(setup_students(args, methods, distill_cfg, build, v_autoguided))
+    if "adv" in methods:
+        ev.start(cores - 1)                                             # beside the adversarial finetune
+        models["adv"] = setup_adv(args, distill_cfg, build, v_autoguided, models["emd"])
     train_time = time.time() - start
-
-    # Evaluate: every model at every step count, from the same noise and labels.
-    g = torch.Generator().manual_seed(12345)
-    n = args.n_eval
-    label = torch.arange(n) % NUM_CLASSES
-    z = torch.randn(n, 2, generator=g)
-    data = sample_data(n, label, g)                                     # shown in the figure
-    distance = DistanceToData([sample_data(n, label, g) for _ in range(4)], label)
-    floor = sum(distance(sample_data(n, label, g)) for _ in range(4)) / 4   # data vs data
-    exact_end = exact_flow(z, 1.0, 0.0, label)
-    ones = torch.ones(n)
-    cond1 = dict(label=one_hot(label))
-
-    def renoise(k):                                     # CM's fresh noise: one stream per step count,
-        g_k = torch.Generator().manual_seed(12345 + k)  # whichever process samples it
-        return lambda x: torch.randn(x.shape, generator=g_k)
-
-    tasks = {}                                                          # (name, steps) -> sampler(z)
-    ref_steps = 32                                                      # Heun: 63 teacher evaluations
-
-    def add(name, sampler, ks):
-        tasks.update({(name, k): functools.partial(sampler, k=k) for k in ks})
-
-    add("exact ODE", lambda z, k: exact_end, [40])                     # the ideal teacher, same noise
-    add("teacher ODE", lambda z, k: sample_ode(v_teacher, z, k, "heun", **cond1), [ref_steps])
-    if args.teacher == "exact":                                         # the students' start (not in the figure)
-        add("MLP teacher ODE", lambda z, k: sample_ode(as_velocity(teacher), z, k, "heun", **cond1), [ref_steps])
-    titles = {"emd": "AYF-EMD", "lmd": "AYF-LMD", "cm": "consistency (EMD, s=0)", "adv": "AYF-EMD + adv"}
-    for m, net in students.items():
-        add(titles[m], lambda z, k, net=net, m=m: (
-            sample_consistency(net, z, k, noise=renoise(k), lam=ones, **cond1) if m == "cm"
-            else sample_flow_map(net, z, k, lam=ones, **cond1)), steps_list)
-    lam = args.guidance
-    add(f"teacher ODE, autoguided lam={lam:g}",
-        lambda z, k: sample_ode(v_autoguided, z, k, "heun", lam=lam * ones, **cond1), [ref_steps])
-    add(f"teacher ODE, CFG lam={lam:g}",
-        lambda z, k: sample_ode(v_cfg, z, k, "heun", lam=lam * ones, **cond1), [ref_steps])
-    if "emd" in students:
-        add(f"AYF-EMD, autoguided lam={lam:g}",
-            lambda z, k: sample_flow_map(students["emd"], z, k, lam=lam * ones, **cond1), steps_list)
-    outs = map_in_processes([functools.partial(evaluate, sampler, z, label, exact_end, distance)
-                             for sampler in tasks.values()], args.jobs)
-    results, samples = {}, {}
-    for (name, k), (x, met) in zip(tasks, outs):
-        results.setdefault(name, {})[k], samples.setdefault(name, {})[k] = met, x
+    results, samples = ev.results(cores)
     samples.pop("MLP teacher ODE", None)
 
     # Report.
-    data_loglik = log_likelihood(data, label)
-    print(f"\ndata-vs-data floor: sliced W2 {floor:.4f}, data log-likelihood {data_loglik:.3f}"
-          f"   (n = {n}; training {train_time:.0f}s)")
+    data_loglik = log_likelihood(ev.data, ev.label)
+    print(f"\ndata-vs-data floor: sliced W2 {ev.floor:.4f}, data log-likelihood {data_loglik:.3f}"
+          f"   (n = {args.n_eval}; training {train_time:.0f}s)")
     print(f"{'model':38s} {'steps':>5s} {'sliced W2':>10s} {'err vs exact ODE':>17s} {'loglik':>8s}")
     for name, per_k in results.items():
         for k, met in per_k.items():
             print(f"{name:38s} {k:5d} {met['sw']:10.4f} {met['err']:17.4f} {met['loglik']:8.3f}")
-    metrics = dict(floor_sw=floor, data_loglik=data_loglik, train_seconds=train_time, total_seconds=time.time() - start,
+    metrics = dict(floor_sw=ev.floor, data_loglik=data_loglik, train_seconds=train_time, total_seconds=time.time() - start,
                    results={name: {str(k): met for k, met in per_k.items()} for name, per_k in results.items()},
                    args=vars(args))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    plot(samples, results, floor, data, label, steps_list, os.path.join(args.out, "toy2d.png"))
-    plot_hero(samples, results, data, label, os.path.join(args.out, "toy2d_hero.png"))
+    plot(samples, results, ev.floor, ev.data, ev.label, steps_list, os.path.join(args.out, "toy2d.png"))
+    plot_hero(samples, results, ev.data, ev.label, os.path.join(args.out, "toy2d_hero.png"))
     print(f"wrote {args.out}/metrics.json, toy2d.png and toy2d_hero.png in {time.time() - start:.0f}s")
 
 

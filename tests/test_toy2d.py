@@ -103,6 +103,38 @@ def test_student_starts_as_its_teacher():
     assert torch.equal(student(x, t, s, label=label, lam=1 + 2 * torch.rand(16)), teacher(x, t, t, label=label))
 
 
+def test_rows_evaluated_beside_the_training_equal_rows_evaluated_at_the_end():
+    """Rows started in forked processes as their models appear (as main() does with --jobs 3) give
+    the same samples and numbers, in the tables' order, as every row evaluated at the end in this
+    process (--jobs 1)."""
+    import argparse
+    args = argparse.Namespace(n_eval=200, teacher="exact", guidance=2.0)
+
+    def run(beside):
+        models = {}
+        ev = toy2d.Evaluation(args, ["emd", "lmd", "cm"], [1, 2], models)
+        models.update(v_teacher=toy2d.exact_teacher(), v_guide=toy2d.exact_teacher(2.0))
+        ev.start(beside)                                                # the exact teacher's rows
+        torch.manual_seed(0)
+        models["teacher"] = toy2d.MLP(hidden=16, depth=2, x_octaves=2)
+        for m in ("emd", "lmd", "cm"):
+            if m == "cm":
+                ev.start(beside)                                        # emd's and lmd's rows
+            models[m] = toy2d.student_from(models["teacher"], hidden=16, depth=2, x_octaves=2)
+            for p in models[m].parameters():
+                torch.nn.init.normal_(p, std=0.3)                       # three different flow maps
+        return ev.results(beside + 1)                                   # cm's rows: 2 processes, or here
+
+    (results, samples), (here, samples_here) = run(beside=1), run(beside=0)
+    assert list(results) == ["exact ODE", "teacher ODE", "MLP teacher ODE", "AYF-EMD", "AYF-LMD",
+                             "consistency (EMD, s=0)", "teacher ODE, autoguided lam=2", "teacher ODE, CFG lam=2",
+                             "AYF-EMD, autoguided lam=2"]
+    assert results == here
+    for name, per_k in samples.items():
+        for k, x in per_k.items():
+            assert torch.equal(x, samples_here[name][k]), (name, k)
+
+
 @pytest.mark.parametrize("teacher,jobs", [("exact", "3"), ("mlp", "1")])
 def test_smoke_run_writes_figure_and_metrics(tmp_path, capsys, teacher, jobs):
     argv = ["--out", str(tmp_path), "--teacher", teacher, "--jobs", jobs, "--teacher-steps", "20", "--guide-steps", "10", "--distill-steps", "10",
