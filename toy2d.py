@@ -631,6 +631,11 @@ def start_in_processes(fns, workers):
     return get
 
 
+def map_in_processes(fns, workers):
+    """[fn() for fn in fns], computed by `workers` forked processes (1: by this one)."""
+    return start_in_processes(fns, workers)() if workers > 1 else [fn() for fn in fns]
+
+
 def _work(fns, next_fn, send):
     done = {}
     while True:
@@ -746,8 +751,10 @@ def main(argv=None):
                    args=vars(args))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    plot(samples, results, ev.floor, ev.data, ev.label, steps_list, os.path.join(args.out, "toy2d.png"))
-    plot_hero(samples, results, ev.data, ev.label, os.path.join(args.out, "toy2d_hero.png"))
+    map_in_processes([functools.partial(plot, samples, results, ev.floor, ev.data, ev.label, steps_list,
+                                        os.path.join(args.out, "toy2d.png")),
+                      functools.partial(plot_hero, samples, results, ev.data, ev.label,
+                                        os.path.join(args.out, "toy2d_hero.png"))], cores)   # the two at once
     print(f"wrote {args.out}/metrics.json, toy2d.png and toy2d_hero.png in {time.time() - start:.0f}s")
 
 
