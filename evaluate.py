@@ -484,14 +484,10 @@ def evaluate(args, teacher_cfg, runs, ds):
 # The figure.
 
 def grid_image(images):
-    """uint8 images (n, R, R, C) -> one RGB (rows R, cols R, 3) array, ceil(sqrt(n)) columns; gray (C = 1)
-    is copied to 3 channels, because imshow would paint a single channel with a color map."""
-    n, R = len(images), images.shape[1]
-    images = np.broadcast_to(images, (*images.shape[:3], 3))            # (n, R, R, 3)
-    cols = math.ceil(math.sqrt(n))
-    cells = np.zeros((math.ceil(n / cols) * cols, R, R, 3), dtype=np.uint8)
-    cells[:n] = images
-    return cells.reshape(-1, cols, R, R, 3).transpose(0, 2, 1, 3, 4).reshape(-1, cols * R, 3)
+    """uint8 images (n, R, R, C) -> one RGB grid (sample.tile); gray (C = 1) is copied to 3 channels,
+    because imshow would paint a single channel with a color map."""
+    grid = sample.tile(images)                                          # (rows R, cols R, C)
+    return np.broadcast_to(grid, (*grid.shape[:2], 3))                  # (rows R, cols R, 3)
 
 
 def plot(path, rows, grids, names, args):

@@ -322,16 +322,20 @@ def to_pil(image):
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def save_grid(images, path):
-    """uint8 images (N, R, R, C) as one PNG of ceil(sqrt(N)) columns, empty cells black."""
+def tile(images):
+    """uint8 images (N, R, R, C) -> one (rows R, cols R, C) array of ceil(sqrt(N)) columns, empty cells black."""
     N, R, C = len(images), images.shape[1], images.shape[-1]
     cols = math.ceil(math.sqrt(N))
     rows = math.ceil(N / cols)
     cells = np.zeros((rows * cols, R, R, C), dtype=np.uint8)
     cells[:N] = images
-    grid = cells.reshape(rows, cols, R, R, C).transpose(0, 2, 1, 3, 4).reshape(rows * R, cols * R, C)
+    return cells.reshape(rows, cols, R, R, C).transpose(0, 2, 1, 3, 4).reshape(rows * R, cols * R, C)
+
+
+def save_grid(images, path):
+    """uint8 images (N, R, R, C) as one PNG (tile)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(grid).save(path)
+    to_pil(tile(images)).save(path)
 
 
 def save_outputs(images, labels, seeds, steps, args):

@@ -571,8 +571,8 @@ def setup_students(args, methods, distill_cfg, build, velocity):
     stale = [m for m, config in configs.items()
              if args.retrain or not checkpoint_for(os.path.join(args.out, f"{m}.pt"), m, config)]
     forked = args.jobs > 1 and len(stale) > 1
-    if forked:
-        run_in_processes([functools.partial(jobs[m], retrain=True) for m in stale], args.jobs)
+    if forked:                                                          # each saves its checkpoint, loaded below
+        map_in_processes([functools.partial(jobs[m], retrain=True) for m in stale], args.jobs)
     return {m: job(retrain=args.retrain and not forked) for m, job in jobs.items()}
 
 
@@ -589,23 +589,6 @@ def setup_adv(args, distill_cfg, build, velocity, emd):
         return train_flow_map(n, velocity, args, g, "adv", "emd", adv=(D, args.adv_steps),
                               weight_state=emd.weight_state)
     return cached(args, "adv", adv_cfg, build, finetune)
-
-
-def run_in_processes(jobs, workers):
-    """Run the callables `jobs` in forked processes, at most `workers` at a time (no progress bars)."""
-    ctx, running = multiprocessing.get_context("fork"), []
-    for job in jobs:
-        if len(running) == workers:
-            running.pop(0).join()
-        running.append(ctx.Process(target=_quiet, args=(job,)))
-        running[-1].start()
-    for p in running:
-        p.join()
-
-
-def _quiet(job):
-    os.environ["TQDM_DISABLE"] = "1"                                    # one bar per process would garble
-    job()
 
 
 def start_in_processes(fns, workers):
