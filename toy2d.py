@@ -305,6 +305,9 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
     adds a weighted RpGAN generator loss on 1- and 2-step samples, made at lam = args.adv_lam, to the
     EMD objective (why one lam: train_imagenet.py's adversarial.py).
     weight_state: the adaptive weighting head to go on with (the adv stage: the distilled one's).
+    The distillation's lr decays linearly from args.distill_lr to 0 (README, 'What moved the
+    numbers'); the CM baseline's from args.cm_lr, with sCM's tangent warmup over args.cm_warmup
+    steps (at the flow maps' lr it diverges); the adversarial finetune keeps args.adv_student_lr.
     Returns the student with its EMA weights, and its weighting head as student.weight_state.
     """
     steps = adv[1] if adv else args.distill_steps
@@ -312,7 +315,9 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
     if weight and weight_state is not None:
         weight.load_state_dict(weight_state)
     params = list(student.parameters()) + (list(weight.parameters()) if weight else [])
-    opt = torch.optim.Adam(params, lr=args.distill_lr, betas=(0.9, 0.99), fused=True)    # fused: 3% faster here
+    lr = args.adv_student_lr if adv else args.cm_lr if objective == "cm" else args.distill_lr
+    warmup = args.cm_warmup if objective == "cm" else args.warmup
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), fused=True)    # fused: 3% faster here
     if adv:
         D, _ = adv
         opt_D = torch.optim.Adam(D.parameters(), lr=args.adv_lr, betas=(0.0, 0.99))
@@ -320,6 +325,8 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
     guard = divergence_guard(args)
     good_ema, good_step = copy.deepcopy(ema.state_dict()), 0
     for step in tqdm(range(steps), desc=desc, leave=False):
+        if not adv:                                                     # distillation: lr decays linearly to 0
+            opt.param_groups[0]["lr"] = lr * (1 - step / steps)
         label = torch.randint(NUM_CLASSES, (args.batch,), generator=g)
         lam = 1 + (args.lam_max - 1) * torch.rand(args.batch, generator=g)  # lam ~ U[1, lam_max], a student input
         cond = dict(label=one_hot(label), lam=lam)
@@ -332,7 +339,7 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
         if objective == "lmd":
             loss = lmd_loss(student, velocity, x_t, t, s, c=args.c, data_range=DATA_RANGE, **cond)
         else:
-            r = tangent_warmup(step, args.warmup, args.r_max) if not adv else args.r_max
+            r = tangent_warmup(step, warmup, args.r_max) if not adv else args.r_max
             loss = emd_loss(student, velocity, x_t, t, s, r=r, c=args.c, **cond)
         loss = weight(loss, t, s).mean() if weight else loss.mean()
 
@@ -563,8 +570,8 @@ def setup_students(args, methods, distill_cfg, build, velocity):
     so it is trained again here, and stops the same way).
     """
     # lmd's teacher x0-prediction is projected onto DATA_RANGE (lmd_loss): a checkpoint from before is stale
-    configs = {m: dict(distill_cfg, objective=m, **({"x0_in_range": True} if m == "lmd" else {}))
-               for m in ("emd", "lmd", "cm") if m in methods}
+    own = dict(lmd=dict(x0_in_range=True), cm=dict(cm_lr=args.cm_lr, cm_warmup=args.cm_warmup))
+    configs = {m: dict(distill_cfg, objective=m, **own.get(m, {})) for m in ("emd", "lmd", "cm") if m in methods}
     jobs = {m: functools.partial(cached, args, m, config, build,
                                  lambda n, g, m=m: train_flow_map(n, velocity, args, g, m, m))
             for m, config in configs.items()}
@@ -578,8 +585,8 @@ def setup_students(args, methods, distill_cfg, build, velocity):
 
 def setup_adv(args, distill_cfg, build, velocity, emd):
     """The adversarial finetune of the EMD map `emd` (AYF Sec. 3.3), trained or loaded from args.out."""
-    adv_cfg = dict(distill_cfg, adv_steps=args.adv_steps, adv_lr=args.adv_lr, adv_weight=args.adv_weight,
-                   adv_gamma=args.adv_gamma, adv_lam=args.adv_lam)
+    adv_cfg = dict(distill_cfg, adv_steps=args.adv_steps, adv_lr=args.adv_lr, adv_student_lr=args.adv_student_lr,
+                   adv_weight=args.adv_weight, adv_gamma=args.adv_gamma, adv_lam=args.adv_lam)
 
     def finetune(n, g):
         n.load_state_dict(emd.state_dict())
@@ -665,16 +672,19 @@ def main(argv=None):
     p.add_argument("--ts-dist", default="uniform", choices=["uniform", "logitnormal"])
     p.add_argument("--P-mean", type=float, default=-0.8)
     p.add_argument("--P-std", type=float, default=1.0)
-    p.add_argument("--p-diag", type=float, default=0.0, help="fraction of s = t pairs")
+    p.add_argument("--p-diag", type=float, default=0.25, help="fraction of s = t pairs (flow matching)")
     p.add_argument("--p-zero", type=float, default=0.1, help="fraction of s = 0 pairs")
     p.add_argument("--weighting", default="adaptive", choices=["none", "adaptive"])
-    p.add_argument("--warmup", type=int, default=500, help="tangent warmup iterations H")
+    p.add_argument("--warmup", type=int, default=0, help="tangent warmup iterations H (0: r = r_max from the start)")
     p.add_argument("--r-max", type=float, default=0.99)
-    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the evaluated flow-map weights")
+    p.add_argument("--ema", type=float, default=0.99, help="EMA decay of the evaluated flow-map weights")
     p.add_argument("--c", type=float, default=0.1, help="tangent normalization constant")
     p.add_argument("--teacher-lr", type=float, default=2e-3)
-    p.add_argument("--distill-lr", type=float, default=2e-4)
-    p.add_argument("--adv-lr", type=float, default=5e-4)
+    p.add_argument("--distill-lr", type=float, default=2e-3, help="distillation lr at step 0; it decays linearly to 0")
+    p.add_argument("--cm-lr", type=float, default=2e-4, help="the consistency model's distillation lr at step 0")
+    p.add_argument("--cm-warmup", type=int, default=500, help="the consistency model's tangent warmup iterations")
+    p.add_argument("--adv-lr", type=float, default=5e-4, help="the discriminator's lr")
+    p.add_argument("--adv-student-lr", type=float, default=2e-4, help="the flow map's lr in the adversarial finetune (constant)")
     p.add_argument("--adv-weight", type=float, default=0.1)
     p.add_argument("--adv-gamma", type=float, default=0.1, help="R1/R2 weight gamma")
     p.add_argument("--adv-lam", type=float, default=1.0, help="lam of the adversarial fakes (the evaluated lam)")
@@ -711,7 +721,7 @@ def main(argv=None):
     v_autoguided = functools.partial(guided_velocity, models["v_teacher"], models["v_guide"])
     distill_cfg = dict(seed=args.seed, batch=args.batch, teacher=teacher_cfg, guide=guide_cfg, **{k: getattr(args, k) for k in (
         "distill_steps", "ts_dist", "P_mean", "P_std", "p_diag", "p_zero", "weighting", "warmup",
-        "r_max", "c", "distill_lr", "lam_max", "ema")}, **size)
+        "r_max", "c", "distill_lr", "lam_max", "ema")}, lr_decay="linear", **size)
     build = functools.partial(student_from, models["teacher"], **size)
     models.update(setup_students(args, methods, distill_cfg, build, v_autoguided))
     if "adv" in methods:

@@ -180,11 +180,12 @@ def test_divergence_guard_stops_a_drifting_flow_map_and_keeps_its_last_good_weig
 
 def test_adv_fakes_at_adv_lam_and_the_distilled_weighting_goes_on():
     """The adversarial finetune makes its fakes at lam = --adv-lam while the EMD term keeps lam ~ U[1, 3],
-    and it starts from the weighting head it is given (lr 0 keeps it as given)."""
+    and it starts from the weighting head it is given (student lr 0 keeps it as given)."""
     import argparse
     args = argparse.Namespace(batch=16, distill_steps=3, ts_dist="uniform", P_mean=-0.8, P_std=1.0, p_diag=0.0,
                               p_zero=0.1, weighting="adaptive", warmup=1, r_max=0.99, c=0.1, distill_lr=0.0,
-                              lam_max=3.0, ema=0.9, seed=0, adv_lr=1e-3, adv_weight=0.1, adv_gamma=0.1, adv_lam=2.0)
+                              lam_max=3.0, ema=0.9, seed=0, adv_lr=1e-3, adv_student_lr=0.0, adv_weight=0.1,
+                              adv_gamma=0.1, adv_lam=2.0)
     teacher = toy2d.MLP(hidden=16, depth=2)
     velocity = lambda x, t, label=None, lam=None: teacher(x, t, t, label=label)
     student = toy2d.student_from(teacher, hidden=16, depth=2)
