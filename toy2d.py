@@ -307,7 +307,8 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
     weight_state: the adaptive weighting head to go on with (the adv stage: the distilled one's).
     The distillation's lr decays linearly from args.distill_lr to 0 (README, 'What moved the
     numbers'); the CM baseline's from args.cm_lr, with sCM's tangent warmup over args.cm_warmup
-    steps (at the flow maps' lr it diverges); the adversarial finetune keeps args.adv_student_lr.
+    steps (at the flow maps' lr it diverges) and its own time power args.cm_ts_power; the
+    adversarial finetune keeps args.adv_student_lr.
     Returns the student with its EMA weights, and its weighting head as student.weight_state.
     """
     steps = adv[1] if adv else args.distill_steps
@@ -316,7 +317,7 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
         weight.load_state_dict(weight_state)
     params = list(student.parameters()) + (list(weight.parameters()) if weight else [])
     lr = args.adv_student_lr if adv else args.cm_lr if objective == "cm" else args.distill_lr
-    warmup = args.cm_warmup if objective == "cm" else args.warmup
+    warmup, power = (args.cm_warmup, args.cm_ts_power) if objective == "cm" else (args.warmup, args.ts_power)
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), fused=True)    # fused: 3% faster here
     if adv:
         D, _ = adv
@@ -332,7 +333,7 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
         cond = dict(label=one_hot(label), lam=lam)
         x0, eps = sample_data(args.batch, label, g), torch.randn(args.batch, 2, generator=g)
         t, s = sample_t_s(args.batch, args.ts_dist, P_mean=args.P_mean, P_std=args.P_std,
-                          p_diag=args.p_diag, p_zero=args.p_zero, generator=g)
+                          p_diag=args.p_diag, p_zero=args.p_zero, power=power, generator=g)
         if objective == "cm":
             s = torch.zeros_like(s)                                     # consistency model: always jump to 0
         x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
@@ -570,7 +571,7 @@ def setup_students(args, methods, distill_cfg, build, velocity):
     so it is trained again here, and stops the same way).
     """
     # lmd's teacher x0-prediction is projected onto DATA_RANGE (lmd_loss): a checkpoint from before is stale
-    own = dict(lmd=dict(x0_in_range=True), cm=dict(cm_lr=args.cm_lr, cm_warmup=args.cm_warmup))
+    own = dict(lmd=dict(x0_in_range=True), cm=dict(cm_lr=args.cm_lr, cm_warmup=args.cm_warmup, cm_ts_power=args.cm_ts_power))
     configs = {m: dict(distill_cfg, objective=m, **own.get(m, {})) for m in ("emd", "lmd", "cm") if m in methods}
     jobs = {m: functools.partial(cached, args, m, config, build,
                                  lambda n, g, m=m: train_flow_map(n, velocity, args, g, m, m))
@@ -672,6 +673,8 @@ def main(argv=None):
     p.add_argument("--ts-dist", default="uniform", choices=["uniform", "logitnormal"])
     p.add_argument("--P-mean", type=float, default=-0.8)
     p.add_argument("--P-std", type=float, default=1.0)
+    p.add_argument("--ts-power", type=float, default=2.0,
+                   help="(t, s) -> (t^p, s^p): p > 1 puts more pairs near t = 0, where the thin components part")
     p.add_argument("--p-diag", type=float, default=0.25, help="fraction of s = t pairs (flow matching)")
     p.add_argument("--p-zero", type=float, default=0.1, help="fraction of s = 0 pairs")
     p.add_argument("--weighting", default="adaptive", choices=["none", "adaptive"])
@@ -683,6 +686,7 @@ def main(argv=None):
     p.add_argument("--distill-lr", type=float, default=2e-3, help="distillation lr at step 0; it decays linearly to 0")
     p.add_argument("--cm-lr", type=float, default=2e-4, help="the consistency model's distillation lr at step 0")
     p.add_argument("--cm-warmup", type=int, default=500, help="the consistency model's tangent warmup iterations")
+    p.add_argument("--cm-ts-power", type=float, default=1.0, help="the consistency model's --ts-power (README, Toy results)")
     p.add_argument("--adv-lr", type=float, default=5e-4, help="the discriminator's lr")
     p.add_argument("--adv-student-lr", type=float, default=2e-4, help="the flow map's lr in the adversarial finetune (constant)")
     p.add_argument("--adv-weight", type=float, default=0.1)
@@ -720,7 +724,7 @@ def main(argv=None):
     teacher_cfg, guide_cfg = setup_teacher(args, size, models)
     v_autoguided = functools.partial(guided_velocity, models["v_teacher"], models["v_guide"])
     distill_cfg = dict(seed=args.seed, batch=args.batch, teacher=teacher_cfg, guide=guide_cfg, **{k: getattr(args, k) for k in (
-        "distill_steps", "ts_dist", "P_mean", "P_std", "p_diag", "p_zero", "weighting", "warmup",
+        "distill_steps", "ts_dist", "ts_power", "P_mean", "P_std", "p_diag", "p_zero", "weighting", "warmup",
         "r_max", "c", "distill_lr", "lam_max", "ema")}, lr_decay="linear", **size)
     build = functools.partial(student_from, models["teacher"], **size)
     models.update(setup_students(args, methods, distill_cfg, build, v_autoguided))

@@ -299,6 +299,17 @@ def test_sample_t_s_marginals():
     assert abs(logit.mean().item() + 0.8) < 0.01 and abs(logit.std().item() - 1.3) < 0.01
 
 
+@pytest.mark.parametrize("power", [1.5, 2.0])
+def test_sample_t_s_power(power):
+    """u -> u^power on uniform pairs: t = max(u1, u2)^power has P(t <= x) = x^(2 / power), and
+    s = min(u1, u2)^power has P(s <= x) = 1 - (1 - x^(1 / power))^2."""
+    n = 200_000
+    t, s = losses.sample_t_s(n, "uniform", power=power, generator=torch.Generator().manual_seed(12))
+    for x in (0.1, 0.3, 0.6):
+        assert abs((t <= x).double().mean().item() - x ** (2 / power)) < 0.005
+        assert abs((s <= x).double().mean().item() - (1 - (1 - x ** (1 / power)) ** 2)) < 0.005
+
+
 def test_adaptive_weight():
     torch.manual_seed(12)
     weight = losses.AdaptiveWeight()
