@@ -305,10 +305,8 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
     adds a weighted RpGAN generator loss on 1- and 2-step samples, made at lam = args.adv_lam, to the
     EMD objective (why one lam: train_imagenet.py's adversarial.py).
     weight_state: the adaptive weighting head to go on with (the adv stage: the distilled one's).
-    The distillation's lr decays linearly from args.distill_lr to 0 (README, 'What moved the
-    numbers'); the CM baseline's from args.cm_lr, with sCM's tangent warmup over args.cm_warmup
-    steps (at the flow maps' lr it diverges) and its own time power args.cm_ts_power; the
-    adversarial finetune keeps args.adv_student_lr.
+    The distillation's lr decays linearly to 0 from objective_settings' lr (README, 'What moved the
+    numbers'); the adversarial finetune keeps args.adv_student_lr.
     Returns the student with its EMA weights, and its weighting head as student.weight_state.
     """
     steps = adv[1] if adv else args.distill_steps
@@ -316,8 +314,8 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
     if weight and weight_state is not None:
         weight.load_state_dict(weight_state)
     params = list(student.parameters()) + (list(weight.parameters()) if weight else [])
-    lr = args.adv_student_lr if adv else args.cm_lr if objective == "cm" else args.distill_lr
-    warmup, power = (args.cm_warmup, args.cm_ts_power) if objective == "cm" else (args.warmup, args.ts_power)
+    setting = objective_settings(args, objective)
+    lr = args.adv_student_lr if adv else setting["lr"]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), fused=True)    # fused: 3% faster here
     if adv:
         D, _ = adv
@@ -333,14 +331,14 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
         cond = dict(label=one_hot(label), lam=lam)
         x0, eps = sample_data(args.batch, label, g), torch.randn(args.batch, 2, generator=g)
         t, s = sample_t_s(args.batch, args.ts_dist, P_mean=args.P_mean, P_std=args.P_std,
-                          p_diag=args.p_diag, p_zero=args.p_zero, power=power, generator=g)
+                          p_diag=args.p_diag, p_zero=args.p_zero, power=setting["ts_power"], generator=g)
         if objective == "cm":
             s = torch.zeros_like(s)                                     # consistency model: always jump to 0
         x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
         if objective == "lmd":
             loss = lmd_loss(student, velocity, x_t, t, s, c=args.c, data_range=DATA_RANGE, **cond)
         else:
-            r = tangent_warmup(step, warmup, args.r_max) if not adv else args.r_max
+            r = tangent_warmup(step, setting["warmup"], args.r_max) if not adv else args.r_max
             loss = emd_loss(student, velocity, x_t, t, s, r=r, c=args.c, **cond)
         loss = weight(loss, t, s).mean() if weight else loss.mean()
 
@@ -386,6 +384,14 @@ def train_flow_map(student, velocity, args, g, desc, objective, adv=None, weight
     student.load_state_dict(ema.state_dict())
     student.weight_state = weight.state_dict() if weight else None
     return student
+
+
+def objective_settings(args, objective):
+    """{lr, warmup, ts_power} an objective distills with: the flow maps' flags, or the CM baseline's
+    own (sCM's tangent warmup and unsquared times; at the flow maps' lr it diverges: README)."""
+    if objective == "cm":
+        return dict(lr=args.cm_lr, warmup=args.cm_warmup, ts_power=args.cm_ts_power)
+    return dict(lr=args.distill_lr, warmup=args.warmup, ts_power=args.ts_power)
 
 
 def divergence_guard(args, n=64):
@@ -571,7 +577,7 @@ def setup_students(args, methods, distill_cfg, build, velocity):
     so it is trained again here, and stops the same way).
     """
     # lmd's teacher x0-prediction is projected onto DATA_RANGE (lmd_loss): a checkpoint from before is stale
-    own = dict(lmd=dict(x0_in_range=True), cm=dict(cm_lr=args.cm_lr, cm_warmup=args.cm_warmup, cm_ts_power=args.cm_ts_power))
+    own = dict(lmd=dict(x0_in_range=True), cm=objective_settings(args, "cm"))     # cm trains with its own
     configs = {m: dict(distill_cfg, objective=m, **own.get(m, {})) for m in ("emd", "lmd", "cm") if m in methods}
     jobs = {m: functools.partial(cached, args, m, config, build,
                                  lambda n, g, m=m: train_flow_map(n, velocity, args, g, m, m))
